@@ -1,0 +1,224 @@
+r"""Min-max fake quantization (simulated in floating point) and bit-allocation policies.
+
+Fake quantization rounds values to the grid an integer kernel would use and returns them in
+floating point, so accuracy effects are simulated exactly while speed and memory are not.
+
+Per-token (per-row) asymmetric min-max quantization of a row :math:`v \in R^d` with b bits:
+
+.. math::
+    \Delta = \frac{\max v - \min v}{2^b - 1},\qquad
+    \hat v = \min v + \Delta \cdot \operatorname{round}\!\left(\frac{v - \min v}{\Delta}\right),
+
+so every element has :math:`|\hat v_j - v_j| \le \Delta / 2` - the assumption of Theorem 1. The
+offset :math:`\min v` is kept in floating point (``round_zero_point=False``); integer kernels
+round it to an integer zero point (``round_zero_point=True``), which can add up to another
+:math:`\Delta/2` at the ends of the range. Symmetric quantization uses the restricted grid
+:math:`\{-(2^{b-1}-1), \dots, 2^{b-1}-1\} \cdot \Delta` with :math:`\Delta = \max|v| / (2^{b-1}-1)`.
+A clip ratio c < 1 shrinks the range to ``[c min v, c max v]`` (``c max|v|`` if symmetric) and
+clamps what falls outside: Theorem 1 does not cover clipping.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from ._checks import MAX_BITS, MIN_BITS, as_sequence_tensor, check_bits
+
+__all__ = [
+    "fake_quant",
+    "fake_quant_rows",
+    "stamp_fake_quant",
+    "two_level_bits",
+    "optimal_bits",
+    "continuous_optimal_bits",
+    "average_bits",
+]
+
+
+def _row_bits(bits, X: torch.Tensor) -> torch.Tensor:
+    """Bits as a tensor broadcastable against ``X`` viewed as (..., s, n_blocks, block)."""
+    s = X.shape[-2]
+    b = check_bits(bits, s, device=X.device)
+    return b.to(X.dtype).view(s, 1, 1)
+
+
+def fake_quant(
+    X: torch.Tensor,
+    bits,
+    symmetric: bool = False,
+    clip_ratio: float = 1.0,
+    block_size: int | None = None,
+    round_zero_point: bool = False,
+) -> torch.Tensor:
+    """Per-row (per-token) min-max fake quantization over the last dim of ``X`` (..., s, d).
+
+    Args:
+        X: floating tensor (..., s, d); each row X[..., i, :] gets its own range.
+        bits: an int in [2, 16], or a 1-D tensor of length s (one width per row, shared over
+            the leading batch dims and over blocks).
+        symmetric: restricted symmetric grid around zero instead of asymmetric min-max.
+        clip_ratio: in (0, 1]; scales the range before quantizing (values outside are clamped).
+        block_size: if given, each row is split into blocks of ``block_size`` features with their
+            own ranges (per-block quantization, e.g. 64 as in the paper's DiT experiments); d
+            must be a multiple of it.
+        round_zero_point: round the asymmetric offset to an integer zero point, as integer
+            kernels do (breaks the |error| <= step/2 guarantee at the range ends).
+    Returns:
+        A tensor like ``X`` with every element on its row's (or block's) quantization grid.
+    """
+    X = as_sequence_tensor(X)
+    if not (isinstance(clip_ratio, (int, float)) and 0.0 < clip_ratio <= 1.0):
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}")
+    d = X.shape[-1]
+    if block_size is None:
+        block_size = d
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if d % block_size:
+        raise ValueError(f"feature dim d={d} is not a multiple of block_size={block_size}")
+    b = _row_bits(bits, X)
+    Xb = X.unflatten(-1, (d // block_size, block_size))  # (..., s, nb, B)
+    if symmetric:
+        qmax = 2.0 ** (b - 1) - 1
+        amax = Xb.abs().amax(dim=-1, keepdim=True) * clip_ratio
+        step = amax / qmax
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        q = torch.clamp(torch.round(Xb / step), -qmax, qmax)
+        out = q * step
+    else:
+        levels = 2.0 ** b - 1
+        lo = Xb.amin(dim=-1, keepdim=True) * clip_ratio
+        hi = Xb.amax(dim=-1, keepdim=True) * clip_ratio
+        step = (hi - lo) / levels
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        if round_zero_point:
+            zp = torch.round(-lo / step)
+            q = torch.clamp(torch.round(Xb / step) + zp, torch.zeros_like(levels), levels)
+            out = (q - zp) * step
+        else:
+            q = torch.clamp(torch.round((Xb - lo) / step), torch.zeros_like(levels), levels)
+            out = lo + q * step
+        # rows with zero range are exact (hi == lo): keep them
+        out = torch.where((hi - lo) > 0, out, Xb.clamp(lo, hi) if clip_ratio < 1 else Xb)
+    return out.flatten(-2)
+
+
+def fake_quant_rows(X: torch.Tensor, bits, **kw) -> torch.Tensor:
+    """Alias of :func:`fake_quant` for readability when quantizing weight rows (out, in)."""
+    return fake_quant(X, bits, **kw)
+
+
+def stamp_fake_quant(X: torch.Tensor, T, bits, **quant_kw) -> torch.Tensor:
+    r"""STaMP in one call: :math:`\hat X = L^{-1} Q(L X)` with per-row bits on the transformed rows."""
+    return T.inverse(fake_quant(T.forward(X), bits, **quant_kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit allocation
+# ---------------------------------------------------------------------------------------------
+def two_level_bits(s: int, hp_tokens: int = 64, hp_bits: int = 8, lp_bits: int = 4) -> torch.Tensor:
+    """The paper's rule: the first ``hp_tokens`` rows at ``hp_bits``, all others at ``lp_bits``.
+
+    With s=4096 and 64 rows at 8 bits over 4 this averages 4.0625 bits."""
+    if not isinstance(s, int) or s < 1:
+        raise ValueError(f"s must be a positive int, got {s!r}")
+    if not isinstance(hp_tokens, int) or not 0 <= hp_tokens <= s:
+        raise ValueError(f"hp_tokens must be an int in [0, s={s}], got {hp_tokens!r}")
+    check_bits(hp_bits)
+    check_bits(lp_bits)
+    b = torch.full((s,), lp_bits, dtype=torch.long)
+    b[:hp_tokens] = hp_bits
+    return b
+
+
+def average_bits(bits) -> float:
+    """Average bit width of a bit vector."""
+    return float(torch.as_tensor(bits, dtype=torch.float64).mean())
+
+
+def _validate_energies(energies) -> torch.Tensor:
+    e = torch.as_tensor(energies, dtype=torch.float64).flatten()
+    if e.numel() == 0:
+        raise ValueError("energies is empty")
+    if not bool(torch.isfinite(e).all()) or bool((e < 0).any()):
+        raise ValueError("energies must be finite and non-negative")
+    return e
+
+
+def continuous_optimal_bits(energies, avg_bits: float) -> torch.Tensor:
+    r"""Unconstrained real-valued optimum of Theorem 1's bound under :math:`\sum_i b_i = s\,\bar b`.
+
+    With :math:`(2^b-1)^{-2} \approx 4^{-b}`, the Lagrangian of
+    :math:`\sum_i e_i 4^{-b_i} + \lambda \sum_i b_i` gives :math:`b_i = \log_2\sqrt{e_i} - C`,
+    i.e. :math:`b_i = \bar b + \tfrac12\log_2 e_i - \tfrac12\,\overline{\log_2 e}`. Rows with zero
+    energy are given the floor of the others (they would get -inf)."""
+    e = _validate_energies(energies)
+    pos = e > 0
+    if not bool(pos.any()):
+        return torch.full_like(e, float(avg_bits))
+    le = torch.where(pos, torch.log2(e.clamp_min(1e-300)), torch.log2(e[pos].min()))
+    return float(avg_bits) + 0.5 * (le - le.mean())
+
+
+def optimal_bits(
+    energies, avg_bits: float, min_bits: int = MIN_BITS, max_bits: int = MAX_BITS
+) -> torch.Tensor:
+    r"""Integer bit widths minimising Theorem 1's bound :math:`\sum_i e_i/(2^{b_i}-1)^2`.
+
+    Subject to :math:`\sum_i b_i = \operatorname{round}(s\,\bar b)` and
+    ``min_bits <= b_i <= max_bits``. The objective is separable and each term's gain from one
+    more bit, :math:`e_i[(2^b-1)^{-2} - (2^{b+1}-1)^{-2}]`, decreases with b, so handing out
+    bits one at a time to the row with the largest gain (a heap) is exactly optimal."""
+    e = _validate_energies(energies)
+    check_bits(min_bits)
+    check_bits(max_bits)
+    if min_bits > max_bits:
+        raise ValueError(f"min_bits={min_bits} > max_bits={max_bits}")
+    s = e.numel()
+    budget = int(round(float(avg_bits) * s))
+    if not min_bits * s <= budget <= max_bits * s:
+        raise ValueError(
+            f"average {avg_bits} bits over s={s} rows is outside [{min_bits}, {max_bits}]"
+        )
+    b = [min_bits] * s
+    ev = e.tolist()
+
+    def gain(i: int, bi: int) -> float:
+        return ev[i] * ((2.0**bi - 1) ** -2 - (2.0 ** (bi + 1) - 1) ** -2)
+
+    # ties broken by row index so that the result is deterministic (earlier rows first)
+    heap = [(-gain(i, min_bits), i) for i in range(s)]
+    heapq.heapify(heap)
+    for _ in range(budget - min_bits * s):
+        _, i = heapq.heappop(heap)
+        b[i] += 1
+        if b[i] < max_bits:
+            heapq.heappush(heap, (-gain(i, b[i]), i))
+    return torch.tensor(b, dtype=torch.long)
+
+
+def bits_from_spec(spec: str, s: int) -> torch.Tensor:
+    """Parse a compact spec such as ``"64x8+4"`` (64 rows at 8 bits, the rest at 4) or ``"4"``."""
+    spec = spec.replace(" ", "")
+    if "x" in spec:
+        head, rest = spec.split("x", 1)
+        hp_bits, lp_bits = rest.split("+", 1)
+        return two_level_bits(s, int(head), int(hp_bits), int(lp_bits))
+    return check_bits(int(spec), s)
+
+
+def bits_label(bits) -> str:
+    """A short human label for a bit vector: ``"4"``, ``"64x8+4"`` or ``"mixed (avg 4.25)"``."""
+    b = torch.as_tensor(bits).flatten()
+    vals = torch.unique(b)
+    if vals.numel() == 1:
+        return str(int(vals[0]))
+    if vals.numel() == 2:
+        hi, lo = int(vals.max()), int(vals.min())
+        n_hi = int((b == hi).sum())
+        if bool((b[:n_hi] == hi).all()):
+            return f"{n_hi}x{hi}+{lo}"
+    return f"mixed (avg {float(b.double().mean()):.4g})"
+

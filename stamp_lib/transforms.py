@@ -1,0 +1,716 @@
+r"""Sequence transforms: orthonormal s x s matrices L applied on the LEFT of X (..., s, d).
+
+STaMP quantizes :math:`\hat X = L^{-1} Q(L X)`. Every transform here acts along dim -2 (the
+token axis) of a tensor of shape ``(..., s, d)`` and offers
+
+* ``forward(X)`` - the fast path (FFT, butterflies or lifting, never an s x s matmul);
+* ``inverse(Y)`` - its exact inverse;
+* ``matrix(s)`` - the dense s x s orthonormal matrix, built independently of the fast path,
+  so that ``forward(X) == matrix(s) @ X`` is a real test;
+* ``forward_dense(X)`` / ``inverse_dense(Y)`` - the dense path (a matmul), for benchmarks.
+
+Transforms (all orthonormal, rows ordered so that energy of locally correlated sequences is
+concentrated in the FIRST rows, which STaMP keeps at high precision):
+
+==========  ==============================================================================
+identity    :math:`L = I`.
+dct         orthonormal DCT-II, ``scipy.fft.dct(norm="ortho")``; fast path via one real FFT
+            (Makhoul 1980), O(s d log s).
+wht         Walsh-Hadamard in *sequency* order (row i has i sign changes); s a power of two;
+            fast path: radix-16 butterflies (small matmuls), O(s d log s).
+dwt         multi-level Haar DWT, 1-D: ``[cA_L, cD_L, cD_{L-1}, ..., cD_1]`` exactly as
+            ``pywt.wavedec(x, "haar", mode="periodization")`` for power-of-two s. Any s: at an
+            odd length the last element is carried unchanged into the approximation band,
+            which keeps the transform orthogonal. O(s d).
+dwt + grid  multi-level 2-D Haar over an h x w token grid (tokens flattened row-major, as
+            DiTs do): ``[LL_L, (HL_L, LH_L, HH_L), ..., (HL_1, LH_1, HH_1)]`` where each band is
+            flattened row-major; the same band order as ``pywt.wavedec2`` (cH, cV, cD).
+klt         Karhunen-Loeve transform fitted from samples: eigenvectors of the sequence
+            autocorrelation :math:`S = E[X X^T] / d` (s x s), rows by decreasing eigenvalue.
+==========  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from ._checks import as_sequence_tensor
+
+__all__ = [
+    "SequenceTransform",
+    "Identity",
+    "DCT",
+    "WHT",
+    "HaarDWT",
+    "HaarDWT2D",
+    "KLT",
+    "Dense",
+    "build",
+    "NAMES",
+]
+
+SQRT1_2 = 1.0 / math.sqrt(2.0)
+
+
+class SequenceTransform:
+    """Base class. Subclasses implement ``_forward``, ``_inverse`` and ``_matrix``."""
+
+    name = "base"
+    orthogonal = True
+
+    def __init__(self, check_finite: bool = True):
+        self.check_finite = check_finite
+
+    # -- public API ---------------------------------------------------------------------------
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        """Fast path: ``L @ X`` along dim -2 of ``X`` (..., s, d)."""
+        X = as_sequence_tensor(X, check_finite=self.check_finite)
+        self._check_length(X.shape[-2])
+        return self._forward(X)
+
+    def inverse(self, Y: torch.Tensor) -> torch.Tensor:
+        """Fast path: ``L^{-1} @ Y`` along dim -2."""
+        Y = as_sequence_tensor(Y, "Y", check_finite=self.check_finite)
+        self._check_length(Y.shape[-2])
+        return self._inverse(Y)
+
+    def matrix(self, s: int, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """The dense s x s matrix L, built independently of the fast path."""
+        if not isinstance(s, int) or s < 1:
+            raise ValueError(f"sequence length s must be a positive int, got {s!r}")
+        self._check_length(s)
+        dtype = dtype or torch.get_default_dtype()
+        return self._matrix_cached(s).to(dtype=dtype, device=device)
+
+    def forward_dense(self, X: torch.Tensor) -> torch.Tensor:
+        """Dense path: ``matrix(s) @ X`` (O(s^2 d))."""
+        X = as_sequence_tensor(X, check_finite=self.check_finite)
+        return self.matrix(X.shape[-2], X.dtype, X.device) @ X
+
+    def inverse_dense(self, Y: torch.Tensor) -> torch.Tensor:
+        """Dense path of the inverse: ``matrix(s)^{-1} @ Y`` (the transpose when orthogonal)."""
+        Y = as_sequence_tensor(Y, "Y", check_finite=self.check_finite)
+        M = self.matrix(Y.shape[-2], Y.dtype, Y.device)
+        if self.orthogonal:
+            return M.transpose(-1, -2) @ Y
+        return torch.linalg.solve(M, Y)
+
+    # -- subclass hooks -----------------------------------------------------------------------
+    def _check_length(self, s: int) -> None:
+        """Raise a ValueError if this transform cannot act on sequences of length ``s``."""
+
+    def _matrix_cached(self, s: int) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_matrices", {})
+        if s not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            cache[s] = self._matrix(s)
+        return cache[s]
+
+    def _forward(self, X):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _inverse(self, Y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _matrix(self, s: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Identity(SequenceTransform):
+    """:math:`L = I`: plain per-token quantization (the baseline)."""
+
+    name = "identity"
+
+    def _forward(self, X):
+        return X.clone()
+
+    def _inverse(self, Y):
+        return Y.clone()
+
+    def _matrix(self, s):
+        return torch.eye(s, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# DCT-II (orthonormal) via one real FFT of length s (Makhoul, IEEE TASSP 1980)
+# ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def _dct_twiddle(s: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    k = torch.arange(s // 2 + 1, dtype=torch.float64)
+    w = torch.polar(torch.ones_like(k), -math.pi * k / (2 * s))
+    return w.to(dtype=torch.complex128 if dtype == torch.float64 else torch.complex64, device=device)
+
+
+def _rfft(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """Real FFT along ``dim``: pocketfft through scipy on CPU (about 3x faster than torch.fft's
+    CPU kernel along a non-last axis here), torch.fft elsewhere (CUDA)."""
+    if v.device.type == "cpu" and _FFT_BACKEND == "scipy":
+        import scipy.fft
+
+        return torch.from_numpy(scipy.fft.rfft(v.numpy(), axis=dim))
+    return torch.fft.rfft(v, dim=dim)
+
+
+def _irfft(V: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if V.device.type == "cpu" and _FFT_BACKEND == "scipy":
+        import scipy.fft
+
+        return torch.from_numpy(scipy.fft.irfft(V.numpy(), n=n, axis=dim))
+    return torch.fft.irfft(V, n=n, dim=dim)
+
+
+_FFT_BACKEND = "scipy"  # "scipy" | "torch"; the tests run both
+
+
+def set_fft_backend(name: str) -> None:
+    """Choose the CPU FFT engine of the DCT fast path: ``"scipy"`` (default) or ``"torch"``."""
+    global _FFT_BACKEND
+    if name not in ("scipy", "torch"):
+        raise ValueError(f"FFT backend must be 'scipy' or 'torch', got {name!r}")
+    _FFT_BACKEND = name
+
+
+class DCT(SequenceTransform):
+    r"""Orthonormal DCT-II along the sequence: equals ``scipy.fft.dct(x, norm="ortho", axis=-2)``.
+
+    Row k of L is :math:`c_k \cos(\pi k (2n+1) / 2s)` with :math:`c_0 = \sqrt{1/s}` and
+    :math:`c_k = \sqrt{2/s}`. The fast path (Makhoul 1980) reorders x into
+    :math:`v = [x_0, x_2, \dots, x_5, x_3, x_1]`, takes one real FFT of length s and rotates it:
+    :math:`z_k = e^{-i\pi k/2s} V_k`, :math:`y_k = \sqrt{2/s}\,\mathrm{Re}\,z_k` and
+    :math:`y_{s-k} = -\sqrt{2/s}\,\mathrm{Im}\,z_k` (Hermitian symmetry of V), then
+    :math:`y_0 /= \sqrt 2`. The inverse runs the same steps backwards with an inverse real FFT.
+    Only the FFT engine is borrowed (see :func:`set_fft_backend`); the DCT itself is ours.
+    """
+
+    name = "dct"
+
+    def _forward(self, X):
+        s = X.shape[-2]
+        if s == 1:
+            return X.clone()
+        ne, h = (s + 1) // 2, s // 2 + 1
+        v = torch.empty_like(X)
+        v[..., :ne, :] = X[..., 0::2, :]
+        v[..., ne:, :] = X[..., 1::2, :].flip(-2)
+        z = _rfft(v, -2)
+        z *= _dct_twiddle(s, X.dtype, str(X.device)).unsqueeze(-1)
+        Y = v  # reuse the buffer
+        scale = math.sqrt(2.0 / s)
+        torch.mul(z.real, scale, out=Y[..., :h, :])
+        if s - h > 0:
+            torch.mul(z.imag[..., 1 : s - h + 1, :].flip(-2), -scale, out=Y[..., h:, :])
+        Y[..., 0, :] *= SQRT1_2
+        return Y
+
+    def _inverse(self, Y):
+        s = Y.shape[-2]
+        if s == 1:
+            return Y.clone()
+        ne, h = (s + 1) // 2, s // 2 + 1
+        scale = math.sqrt(s / 2.0)  # undo the sqrt(2/s) of the forward: Re z_k = Y_k sqrt(s/2)
+        z = torch.empty(*Y.shape[:-2], h, Y.shape[-1], dtype=torch.complex128 if Y.dtype == torch.float64
+                        else torch.complex64, device=Y.device)
+        re, im = z.real, z.imag
+        torch.mul(Y[..., :h, :], scale, out=re)
+        re[..., 0, :] *= math.sqrt(2.0)
+        im[..., 0, :] = 0.0
+        if s - h > 0:
+            # Im z_k = -Y_{s-k} sqrt(s/2) for k = 1 .. s-h
+            torch.mul(Y[..., h:, :].flip(-2), -scale, out=im[..., 1 : s - h + 1, :])
+        if s % 2 == 0:
+            # k = s/2: Y_{s-k} = Y_k, so Im z = -Re z
+            torch.neg(re[..., h - 1, :], out=im[..., h - 1, :])
+        z *= _dct_twiddle(s, Y.dtype, str(Y.device)).conj().unsqueeze(-1)
+        v = _irfft(z, s, -2)
+        X = torch.empty_like(Y)
+        X[..., 0::2, :] = v[..., :ne, :]
+        X[..., 1::2, :] = v[..., ne:, :].flip(-2)
+        return X
+
+    def _matrix(self, s):
+        n = torch.arange(s, dtype=torch.float64)
+        k = n.unsqueeze(1)
+        M = torch.cos(math.pi * k * (2 * n + 1) / (2 * s)) * math.sqrt(2.0 / s)
+        M[0] *= SQRT1_2
+        return M
+
+
+# ---------------------------------------------------------------------------------------------
+# Walsh-Hadamard in sequency order
+# ---------------------------------------------------------------------------------------------
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+@lru_cache(maxsize=64)
+def _sequency_perm(s: int) -> torch.Tensor:
+    """Natural-order (Sylvester) row index of the sequency-ordered row k: bitrev(gray(k))."""
+    m = s.bit_length() - 1
+    k = torch.arange(s)
+    g = k ^ (k >> 1)
+    rev = torch.zeros_like(g)
+    for b in range(m):
+        rev |= ((g >> b) & 1) << (m - 1 - b)
+    return rev
+
+
+@lru_cache(maxsize=16)
+def _sylvester(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < n:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H.to(dtype=dtype, device=device)
+
+
+def _fwht_natural(X: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` times the Walsh-Hadamard transform (Sylvester order) along dim -2, radix-16.
+
+    ``s = 2^m`` is factored as a product of radices r_j <= 16; each stage contracts one axis of
+    the (..., r_1, ..., r_J, d) view with the small Sylvester matrix H_r (a batched matmul)."""
+    s, d = X.shape[-2], X.shape[-1]
+    m = s.bit_length() - 1
+    radices = []
+    while m > 0:
+        r = min(4, m)
+        radices.append(1 << r)
+        m -= r
+    lead = X.shape[:-2]
+    Y = X
+    pre = 1
+    for r in radices:
+        post = s // (pre * r)
+        H = _sylvester(r, X.dtype, str(X.device))
+        if pre == 1:
+            H = H * scale  # fold the normalisation into the first stage
+        # view as (lead, pre, r, post*d); contract the r axis: H @ block
+        Yv = Y.reshape(*lead, pre, r, post * d)
+        Y = torch.matmul(H, Yv)
+        pre *= r
+    return Y.reshape(*lead, s, d)
+
+
+class WHT(SequenceTransform):
+    r"""Orthonormal Walsh-Hadamard transform in sequency order (row i has i sign changes).
+
+    Only for power-of-two s (a clear error otherwise; pad the sequence yourself if you need
+    to, or use the DCT/DWT which accept any s). Sylvester's Kronecker structure
+    :math:`H_{2^m} = H_{r_1} \otimes \dots \otimes H_{r_J}` gives the fast path; the rows are
+    then permuted to sequency order (natural row = bit-reversed Gray code of the sequency)."""
+
+    name = "wht"
+
+    def _check_length(self, s):
+        if not _is_pow2(s):
+            raise ValueError(
+                f"the Walsh-Hadamard transform needs a power-of-two sequence length, got s={s}; "
+                f"use 'dct' or 'dwt' (any s), or pad the sequence to {1 << (s - 1).bit_length()}"
+            )
+
+    def _forward(self, X):
+        s = X.shape[-2]
+        perm = _sequency_perm(s).to(X.device)
+        return _fwht_natural(X, 1.0 / math.sqrt(s)).index_select(-2, perm)
+
+    def _inverse(self, Y):
+        s = Y.shape[-2]
+        perm = _sequency_perm(s).to(Y.device)
+        Z = torch.empty_like(Y)
+        Z.index_copy_(-2, perm, Y)
+        return _fwht_natural(Z, 1.0 / math.sqrt(s))
+
+    def _matrix(self, s):
+        # Independent construction: Walsh functions from the sign-change (sequency) definition,
+        # w_k(n) = prod_j (-1)^{g_j(k) * n_{m-1-j}} with g the Gray code of k (Paley -> Walsh).
+        m = s.bit_length() - 1
+        k = torch.arange(s).unsqueeze(1)
+        n = torch.arange(s).unsqueeze(0)
+        g = k ^ (k >> 1)
+        parity = torch.zeros(s, s, dtype=torch.long)
+        for j in range(m):
+            parity += ((g >> j) & 1) * ((n >> (m - 1 - j)) & 1)
+        return (1.0 - 2.0 * (parity % 2).double()) / math.sqrt(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Haar DWT, 1-D
+# ---------------------------------------------------------------------------------------------
+def max_levels_1d(s: int) -> int:
+    """Number of Haar levels until the approximation band has one row: ceil(log2 s)."""
+    return max(0, math.ceil(math.log2(s))) if s > 1 else 0
+
+
+def _haar_lengths(s: int, levels: int) -> list[int]:
+    """Approximation length at the input of each level: [s, ceil(s/2), ...]."""
+    out = [s]
+    for _ in range(levels - 1):
+        out.append((out[-1] + 1) // 2)
+    return out
+
+
+class HaarDWT(SequenceTransform):
+    r"""Multi-level orthonormal Haar DWT along the sequence (1-D).
+
+    One level maps :math:`x` (length n) to approximations :math:`a_k = (x_{2k}+x_{2k+1})/\sqrt2`
+    and details :math:`d_k = (x_{2k}-x_{2k+1})/\sqrt2` (pywt's sign convention); for odd n the
+    last element is appended to the approximations unchanged, so the level is still an
+    orthogonal map. The next level acts on the approximations. Output order:
+    ``[cA_L, cD_L, ..., cD_1]``. ``levels=None`` means the maximum, ceil(log2 s)."""
+
+    name = "dwt"
+
+    def __init__(self, levels: int | None = None, check_finite: bool = True):
+        super().__init__(check_finite)
+        if levels is not None and (not isinstance(levels, int) or levels < 0):
+            raise ValueError(f"levels must be a non-negative int or None, got {levels!r}")
+        self.levels = levels
+
+    def __repr__(self):
+        return f"HaarDWT(levels={self.levels})"
+
+    def levels_for(self, s: int) -> int:
+        return max_levels_1d(s) if self.levels is None else self.levels
+
+    def _check_length(self, s):
+        L = self.levels_for(s)
+        if L > max_levels_1d(s):
+            raise ValueError(
+                f"{L} Haar levels need a sequence of at least {2 ** (L - 1) + 1} tokens; got s={s} "
+                f"(at most {max_levels_1d(s)} levels for s={s})"
+            )
+
+    def _forward(self, X):
+        # Unnormalised sums are carried between levels (a_l = 2^{l/2} * true approximation), so
+        # each level costs one subtraction, one scaling of the details and one addition.
+        s = X.shape[-2]
+        Y = torch.empty_like(X)
+        lengths = _haar_lengths(s, self.levels_for(s))
+        if not lengths or self.levels_for(s) == 0:
+            Y.copy_(X)
+            return Y
+        a, end = X, s
+        for lvl, n in enumerate(lengths, start=1):
+            h = n // 2
+            even, odd = a[..., 0 : 2 * h : 2, :], a[..., 1 : 2 * h : 2, :]
+            det = Y[..., end - h : end, :]
+            torch.sub(even, odd, out=det)
+            det.mul_(2.0 ** (-lvl / 2))
+            new_a = torch.empty(*X.shape[:-2], n - h, X.shape[-1], dtype=X.dtype, device=X.device)
+            torch.add(even, odd, out=new_a[..., :h, :])
+            if n % 2:  # the carried element must be scaled up to the unnormalised convention
+                torch.mul(a[..., n - 1, :], 2.0 ** 0.5, out=new_a[..., h, :])
+            a, end = new_a, end - h
+        torch.mul(a, 2.0 ** (-len(lengths) / 2), out=Y[..., :end, :])
+        return Y
+
+    def _inverse(self, Y):
+        s = Y.shape[-2]
+        lengths = _haar_lengths(s, self.levels_for(s))
+        if not lengths or self.levels_for(s) == 0:
+            return Y.clone()
+        L = len(lengths)
+        # P_l = 2^{-l/2} A_l (A_l the true approximations): then x_even = P_l + 2^{-l/2} D_l and
+        # x_odd = P_l - 2^{-l/2} D_l give P_{l-1} with one add and one sub per level.
+        a = Y[..., : (lengths[-1] + 1) // 2, :] * 2.0 ** (-L / 2)
+        for lvl in range(L, 0, -1):
+            n = lengths[lvl - 1]
+            h = n // 2
+            det = Y[..., n - h : n, :]
+            out = torch.empty(*Y.shape[:-2], n, Y.shape[-1], dtype=Y.dtype, device=Y.device)
+            ap = a[..., :h, :]
+            c = 2.0 ** (-lvl / 2)
+            torch.add(ap, det, alpha=c, out=out[..., 0 : 2 * h : 2, :])
+            torch.sub(ap, det, alpha=c, out=out[..., 1 : 2 * h : 2, :])
+            if n % 2:
+                torch.mul(a[..., h, :], 2.0**0.5, out=out[..., n - 1, :])
+            a = out
+        return a
+
+    def _matrix(self, s):
+        # Independent construction: product of per-level analysis matrices P_l = diag(A_n, I).
+        M = torch.eye(s, dtype=torch.float64)
+        for n in _haar_lengths(s, self.levels_for(s)):
+            h = n // 2
+            A = torch.zeros(n, n, dtype=torch.float64)
+            for k in range(h):
+                A[k, 2 * k] = A[k, 2 * k + 1] = SQRT1_2  # approximation rows
+                A[n - h + k, 2 * k] = SQRT1_2  # detail rows
+                A[n - h + k, 2 * k + 1] = -SQRT1_2
+            if n % 2:
+                A[h, n - 1] = 1.0  # carried element, last approximation row
+            P = torch.eye(s, dtype=torch.float64)
+            P[:n, :n] = A
+            M = P @ M
+        return M
+
+
+# ---------------------------------------------------------------------------------------------
+# Haar DWT over a 2-D token grid
+# ---------------------------------------------------------------------------------------------
+class HaarDWT2D(SequenceTransform):
+    r"""Multi-level orthonormal 2-D Haar DWT over an ``h x w`` grid of tokens.
+
+    Tokens are flattened row-major (token ``i*w + j`` sits at row i, column j), as in DiTs. One
+    level applies the 1-D Haar step along the columns (width) and then along the rows (height)
+    of the current LL band; each Haar level moves the low-frequency energy into the first
+    quarter. Output order: ``[LL_L, HL_L, LH_L, HH_L, ..., HL_1, LH_1, HH_1]`` where ``HL`` is
+    high-pass along the height and low-pass along the width (pywt's cH), ``LH`` the opposite
+    (cV) and each band is flattened row-major. Equals ``pywt.wavedec2(..., "haar",
+    mode="periodization")`` for power-of-two grids. Odd band sizes carry the last row/column
+    unchanged (orthogonal). ``levels=None`` means the maximum: min(ceil(log2 h), ceil(log2 w)).
+    """
+
+    name = "dwt2d"
+
+    def __init__(self, grid: tuple[int, int], levels: int | None = None, check_finite: bool = True):
+        super().__init__(check_finite)
+        if (
+            not isinstance(grid, (tuple, list))
+            or len(grid) != 2
+            or not all(isinstance(g, int) and g >= 1 for g in grid)
+        ):
+            raise ValueError(f"grid must be a pair of positive ints (h, w), got {grid!r}")
+        self.grid = (int(grid[0]), int(grid[1]))
+        if levels is not None and (not isinstance(levels, int) or levels < 0):
+            raise ValueError(f"levels must be a non-negative int or None, got {levels!r}")
+        h, w = self.grid
+        self.max_levels = min(max_levels_1d(h), max_levels_1d(w))
+        self.levels = self.max_levels if levels is None else levels
+        if self.levels > self.max_levels:
+            raise ValueError(
+                f"{self.levels} 2-D Haar levels are too many for a {h}x{w} grid "
+                f"(at most {self.max_levels})"
+            )
+
+    def __repr__(self):
+        return f"HaarDWT2D(grid={self.grid}, levels={self.levels})"
+
+    def _check_length(self, s):
+        h, w = self.grid
+        if s != h * w:
+            raise ValueError(f"grid {h}x{w} has {h * w} tokens but the sequence has s={s}")
+
+    def band_sizes(self) -> list[tuple[str, int, int]]:
+        """(name, rows, cols) of every band in output order."""
+        h, w = self.grid
+        levels = []
+        for lvl in range(1, self.levels + 1):
+            ch, cw, fh, fw = (h + 1) // 2, (w + 1) // 2, h // 2, w // 2
+            levels.append([(f"HL{lvl}", fh, cw), (f"LH{lvl}", ch, fw), (f"HH{lvl}", fh, fw)])
+            h, w = ch, cw
+        out = [(f"LL{self.levels}", h, w)]
+        for bands in reversed(levels):
+            out.extend(bands)
+        return out
+
+    @staticmethod
+    def _step(a, axis):
+        """One Haar step along ``axis`` (-3 = height, -2 = width) of (..., H, W, d)."""
+        n = a.shape[axis]
+        h = n // 2
+        pairs = a.narrow(axis, 0, 2 * h).unflatten(axis, (h, 2))
+        even, odd = pairs.select(axis, 0), pairs.select(axis, 1)
+        lo = (even + odd) * SQRT1_2
+        hi = (even - odd) * SQRT1_2
+        if n % 2:
+            lo = torch.cat([lo, a.narrow(axis, n - 1, 1)], dim=axis)
+        return lo, hi
+
+    @staticmethod
+    def _unstep(lo, hi, n, axis):
+        """Inverse of :meth:`_step`: rebuild length ``n`` along ``axis`` from (lo, hi)."""
+        h = n // 2
+        lp = lo.narrow(axis, 0, h)
+        even = (lp + hi) * SQRT1_2
+        odd = (lp - hi) * SQRT1_2
+        out = torch.stack([even, odd], dim=axis).flatten(axis - 1, axis)
+        if n % 2:
+            out = torch.cat([out, lo.narrow(axis, h, 1)], dim=axis)
+        return out
+
+    def _forward(self, X):
+        h, w = self.grid
+        lead, d = X.shape[:-2], X.shape[-1]
+        a = X.reshape(*lead, h, w, d)
+        details = []
+        for _ in range(self.levels):
+            lo_w, hi_w = self._step(a, -2)  # along the width
+            ll, hl = self._step(lo_w, -3)  # low-w: along the height -> LL, HL (cH)
+            lh, hh = self._step(hi_w, -3)  # high-w: along the height -> LH (cV), HH
+            details.append([hl, lh, hh])
+            a = ll
+        parts = [a.reshape(*lead, -1, d)]
+        for bands in reversed(details):
+            parts.extend(b.reshape(*lead, -1, d) for b in bands)
+        return torch.cat(parts, dim=-2)
+
+    def _inverse(self, Y):
+        lead, d = Y.shape[:-2], Y.shape[-1]
+        sizes = self.band_sizes()
+        pos = 0
+        chunks = []
+        for _, r, c in sizes:
+            chunks.append(Y[..., pos : pos + r * c, :].reshape(*lead, r, c, d))
+            pos += r * c
+        a = chunks[0]
+        # grid sizes at the input of each level
+        dims = [self.grid]
+        for _ in range(self.levels - 1):
+            H, W = dims[-1]
+            dims.append(((H + 1) // 2, (W + 1) // 2))
+        for lvl in range(self.levels, 0, -1):
+            hl, lh, hh = chunks[1 + 3 * (self.levels - lvl) : 4 + 3 * (self.levels - lvl)]
+            H, W = dims[lvl - 1]
+            lo_w = self._unstep(a, hl, H, -3)
+            hi_w = self._unstep(lh, hh, H, -3)
+            a = self._unstep(lo_w, hi_w, W, -2)
+        return a.reshape(*lead, -1, d)
+
+    def _matrix(self, s):
+        # Independent construction: per level, kron(A_H, A_W) acts on the LL block (which
+        # occupies the first H*W output rows, row-major), then a permutation puts its rows in
+        # band order [LL, HL, LH, HH]; finer-level bands stay in the tail.
+        M = torch.eye(s, dtype=torch.float64)
+        H, W = self.grid
+        for _ in range(self.levels):
+            K = torch.kron(_haar_step_matrix(H), _haar_step_matrix(W))
+            ch, cw = (H + 1) // 2, (W + 1) // 2
+            rows = lambda I, J: (I.unsqueeze(1) * W + J.unsqueeze(0)).reshape(-1)  # noqa: E731
+            lo_h, hi_h = torch.arange(ch), torch.arange(ch, H)
+            lo_w, hi_w = torch.arange(cw), torch.arange(cw, W)
+            perm = torch.cat([rows(lo_h, lo_w), rows(hi_h, lo_w), rows(lo_h, hi_w), rows(hi_h, hi_w)])
+            P = torch.eye(s, dtype=torch.float64)
+            P[: H * W, : H * W] = K[perm]
+            M = P @ M
+            H, W = ch, cw
+        return M
+
+
+def _haar_step_matrix(n: int) -> torch.Tensor:
+    """One orthonormal Haar step of length n: rows [approximations (+carry), details]."""
+    h = n // 2
+    A = torch.zeros(n, n, dtype=torch.float64)
+    for k in range(h):
+        A[k, 2 * k] = A[k, 2 * k + 1] = SQRT1_2
+        A[n - h + k, 2 * k] = SQRT1_2
+        A[n - h + k, 2 * k + 1] = -SQRT1_2
+    if n % 2:
+        A[h, n - 1] = 1.0
+    return A
+
+
+# ---------------------------------------------------------------------------------------------
+# KLT and arbitrary dense transforms
+# ---------------------------------------------------------------------------------------------
+class Dense(SequenceTransform):
+    """Any invertible s x s matrix as a transform (its fast path *is* the matmul).
+
+    ``orthogonal`` is detected numerically; Theorem 1 only holds for orthogonal L."""
+
+    name = "dense"
+
+    def __init__(self, M: torch.Tensor, name: str | None = None, check_finite: bool = True):
+        super().__init__(check_finite)
+        M = torch.as_tensor(M, dtype=torch.float64)
+        if M.dim() != 2 or M.shape[0] != M.shape[1]:
+            raise ValueError(f"a dense transform needs a square matrix, got shape {tuple(M.shape)}")
+        if not bool(torch.isfinite(M).all()):
+            raise ValueError("the transform matrix contains NaN/Inf")
+        self.M = M
+        self.s = M.shape[0]
+        if name:
+            self.name = name
+        eye = torch.eye(self.s, dtype=torch.float64)
+        self.orthogonal = bool(torch.allclose(M @ M.T, eye, atol=1e-8))
+        if not self.orthogonal:
+            if torch.linalg.matrix_rank(M) < self.s:
+                raise ValueError("the transform matrix is singular (not invertible)")
+            self.M_inv = torch.linalg.inv(M)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(s={self.s}, name={self.name!r})"
+
+    def _check_length(self, s):
+        if s != self.s:
+            raise ValueError(
+                f"this {self.name} transform was built for s={self.s} but the sequence has s={s}"
+            )
+
+    def _forward(self, X):
+        return self.M.to(device=X.device, dtype=X.dtype) @ X
+
+    def _inverse(self, Y):
+        Minv = self.M.T if self.orthogonal else self.M_inv
+        return Minv.to(device=Y.device, dtype=Y.dtype) @ Y
+
+    def _matrix(self, s):
+        return self.M
+
+
+class KLT(Dense):
+    r"""Karhunen-Loeve transform along the sequence.
+
+    Rows are the eigenvectors of the sequence autocorrelation :math:`S = E[X X^T]/d` (s x s,
+    estimated from samples), sorted by decreasing eigenvalue, so that the first k rows capture
+    the largest possible expected energy of any orthonormal transform (Ky Fan). Eigenvector
+    signs are fixed (largest-magnitude entry positive) so a fit is deterministic."""
+
+    name = "klt"
+
+    @classmethod
+    def fit(cls, samples: torch.Tensor, check_finite: bool = True) -> "KLT":
+        """Fit from samples of shape (n, s, d) (or (s, d)); computed in float64."""
+        X = as_sequence_tensor(samples, "samples", check_finite=check_finite)
+        X = X.reshape(-1, X.shape[-2], X.shape[-1]).to(torch.float64)
+        S = torch.einsum("nsd,ntd->st", X, X) / (X.shape[0] * X.shape[-1])
+        return cls.from_autocorrelation(S, check_finite=check_finite)
+
+    @classmethod
+    def from_autocorrelation(cls, S: torch.Tensor, check_finite: bool = True) -> "KLT":
+        """Build from a symmetric s x s autocorrelation matrix."""
+        S = torch.as_tensor(S, dtype=torch.float64)
+        if S.dim() != 2 or S.shape[0] != S.shape[1]:
+            raise ValueError(f"autocorrelation must be square (s, s), got {tuple(S.shape)}")
+        if not bool(torch.isfinite(S).all()):
+            raise ValueError("autocorrelation contains NaN/Inf")
+        S = 0.5 * (S + S.T)
+        evals, evecs = torch.linalg.eigh(S)
+        order = torch.argsort(evals, descending=True)
+        evals, V = evals[order], evecs[:, order]
+        idx = V.abs().argmax(dim=0)
+        signs = torch.sign(V[idx, torch.arange(V.shape[1])])
+        signs[signs == 0] = 1.0
+        V = V * signs
+        obj = cls(V.T.contiguous(), check_finite=check_finite)
+        obj.eigenvalues = evals
+        return obj
+
+
+NAMES = ("identity", "dct", "wht", "dwt", "klt")
+
+
+def build(name: str, levels: int | None = None, grid: tuple[int, int] | None = None, **kw) -> SequenceTransform:
+    """Build a transform by name: ``"identity" | "dct" | "wht" | "dwt"``.
+
+    ``levels`` and ``grid`` apply to ``"dwt"`` only (``grid=(h, w)`` selects the 2-D Haar over
+    a token grid). The KLT needs data: use :meth:`KLT.fit`."""
+    key = str(name).lower()
+    if key not in ("dwt",) and (levels is not None or grid is not None):
+        raise ValueError(f"levels/grid only apply to 'dwt', not {name!r}")
+    if key == "identity":
+        return Identity(**kw)
+    if key == "dct":
+        return DCT(**kw)
+    if key in ("wht", "hadamard", "walsh"):
+        return WHT(**kw)
+    if key in ("dwt", "haar"):
+        return HaarDWT2D(grid, levels, **kw) if grid is not None else HaarDWT(levels, **kw)
+    if key == "klt":
+        raise ValueError("the KLT is fitted from data: use transforms.KLT.fit(samples)")
+    raise ValueError(f"unknown transform {name!r}; choose one of 'identity', 'dct', 'wht', 'dwt'")
