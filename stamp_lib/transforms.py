@@ -7,7 +7,8 @@ token axis) of a tensor of shape ``(..., s, d)`` and offers
 * ``inverse(Y)`` - its exact inverse;
 * ``matrix(s)`` - the dense s x s orthonormal matrix, built independently of the fast path,
   so that ``forward(X) == matrix(s) @ X`` is a real test;
-* ``forward_dense(X)`` / ``inverse_dense(Y)`` - the dense path (a matmul), for benchmarks.
+* ``forward_dense(X)`` / ``inverse_dense(Y)`` - the dense path (a matmul), for benchmarks;
+  also taken automatically when X requires grad (the fast paths write into buffers).
 
 Transforms (all orthonormal, rows ordered so that energy of locally correlated sequences is
 concentrated in the FIRST rows, which STaMP keeps at high precision):
@@ -69,12 +70,16 @@ class SequenceTransform:
         """Fast path: ``L @ X`` along dim -2 of ``X`` (..., s, d)."""
         X = as_sequence_tensor(X, check_finite=self.check_finite)
         self._check_length(X.shape[-2])
+        if X.requires_grad and torch.is_grad_enabled():
+            return self.forward_dense(X)  # the fast paths write into buffers (no autograd)
         return self._forward(X)
 
     def inverse(self, Y: torch.Tensor) -> torch.Tensor:
         """Fast path: ``L^{-1} @ Y`` along dim -2."""
         Y = as_sequence_tensor(Y, "Y", check_finite=self.check_finite)
         self._check_length(Y.shape[-2])
+        if Y.requires_grad and torch.is_grad_enabled():
+            return self.inverse_dense(Y)
         return self._inverse(Y)
 
     def matrix(self, s: int, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
@@ -150,8 +155,9 @@ def _dct_twiddle(s: int, dtype: torch.dtype, device: str) -> torch.Tensor:
 
 def _rfft(v: torch.Tensor, dim: int) -> torch.Tensor:
     """Real FFT along ``dim``: pocketfft through scipy on CPU (about 3x faster than torch.fft's
-    CPU kernel along a non-last axis here), torch.fft elsewhere (CUDA)."""
-    if v.device.type == "cpu" and _FFT_BACKEND == "scipy":
+    CPU kernel along a non-last axis here), torch.fft elsewhere (CUDA, or when autograd needs
+    the graph)."""
+    if v.device.type == "cpu" and _FFT_BACKEND == "scipy" and not v.requires_grad:
         import scipy.fft
 
         return torch.from_numpy(scipy.fft.rfft(v.numpy(), axis=dim))
@@ -159,7 +165,7 @@ def _rfft(v: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _irfft(V: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if V.device.type == "cpu" and _FFT_BACKEND == "scipy":
+    if V.device.type == "cpu" and _FFT_BACKEND == "scipy" and not V.requires_grad:
         import scipy.fft
 
         return torch.from_numpy(scipy.fft.irfft(V.numpy(), n=n, axis=dim))

@@ -229,3 +229,10 @@ def test_dense_nonorthogonal_inverse():
     assert not T.orthogonal
     X = torch.randn(2, 3, dtype=torch.float64)
     assert torch.allclose(T.inverse(T.forward(X)), X)
+
+
+def test_autograd_flows_through_every_transform():
+    X = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
+    for T in _all_for(16) + [transforms.build("dwt", grid=(4, 4))]:
+        (g,) = torch.autograd.grad(T.forward(X).pow(2).sum(), X)
+        assert torch.allclose(g, 2 * X)  # orthogonal: d||LX||^2/dX = 2X
