@@ -34,6 +34,7 @@ klt         Karhunen-Loeve transform fitted from samples: eigenvectors of the se
 from __future__ import annotations
 
 import math
+import threading
 from functools import lru_cache
 
 import torch
@@ -54,6 +55,33 @@ __all__ = [
 ]
 
 SQRT1_2 = 1.0 / math.sqrt(2.0)
+
+# Scratch buffers reused between calls. On CPU every fresh multi-megabyte tensor is mmap-ed and
+# page-faulted in by the OS, which costs more than the arithmetic of a Haar level or a Hadamard
+# stage; intermediate results therefore live in a small per-thread workspace (results returned
+# to the caller are always fresh tensors). ``clear_workspace()`` releases it.
+_WS = threading.local()
+_WS_MIN_BYTES = 1 << 20
+
+
+def _scratch(tag: str, shape, like: torch.Tensor) -> torch.Tensor:
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    if numel * like.element_size() < _WS_MIN_BYTES:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    pool = _WS.__dict__.setdefault("pool", {})
+    key = (tag, shape, like.dtype, like.device)
+    buf = pool.get(key)
+    if buf is None:
+        if len(pool) > 16:
+            pool.clear()
+        buf = pool[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+def clear_workspace() -> None:
+    """Release the scratch buffers kept between calls by the fast paths."""
+    _WS.__dict__.pop("pool", None)
 
 
 class SequenceTransform:
@@ -275,7 +303,7 @@ def _sylvester(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return H.to(dtype=dtype, device=device)
 
 
-def _fwht_natural(X: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def _fwht_natural(X: torch.Tensor, scale: float = 1.0, fresh: bool = False) -> torch.Tensor:
     """``scale`` times the Walsh-Hadamard transform (Sylvester order) along dim -2, radix-16.
 
     ``s = 2^m`` is factored as a product of radices r_j <= 16; each stage contracts one axis of
@@ -288,17 +316,23 @@ def _fwht_natural(X: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         radices.append(1 << r)
         m -= r
     lead = X.shape[:-2]
+    batch = math.prod(lead)
     Y = X
     pre = 1
-    for r in radices:
+    for j, r in enumerate(radices):
         post = s // (pre * r)
         H = _sylvester(r, X.dtype, str(X.device))
         if pre == 1:
             H = H * scale  # fold the normalisation into the first stage
-        # view as (lead, pre, r, post*d); contract the r axis: H @ block
-        Yv = Y.reshape(*lead, pre, r, post * d)
-        Y = torch.matmul(H, Yv)
+        # view as (batch*pre, r, post*d) and contract the r axis with H_r (batched matmul)
+        shape = (batch * pre, r, post * d)
+        last = j == len(radices) - 1
+        out = torch.empty(shape, dtype=X.dtype, device=X.device) if fresh and last else _scratch(f"wht{j % 2}", shape, X)
+        torch.matmul(H, Y.reshape(batch * pre, r, post * d), out=out)
+        Y = out
         pre *= r
+    if fresh and not radices:
+        Y = X.clone()
     return Y.reshape(*lead, s, d)
 
 
@@ -327,9 +361,9 @@ class WHT(SequenceTransform):
     def _inverse(self, Y):
         s = Y.shape[-2]
         perm = _sequency_perm(s).to(Y.device)
-        Z = torch.empty_like(Y)
+        Z = _scratch("wht_in", Y.shape, Y)
         Z.index_copy_(-2, perm, Y)
-        return _fwht_natural(Z, 1.0 / math.sqrt(s))
+        return _fwht_natural(Z, 1.0 / math.sqrt(s), fresh=True)
 
     def _matrix(self, s):
         # Independent construction: Walsh functions from the sign-change (sequency) definition,
@@ -407,7 +441,7 @@ class HaarDWT(SequenceTransform):
             det = Y[..., end - h : end, :]
             torch.sub(even, odd, out=det)
             det.mul_(2.0 ** (-lvl / 2))
-            new_a = torch.empty(*X.shape[:-2], n - h, X.shape[-1], dtype=X.dtype, device=X.device)
+            new_a = _scratch(f"dwt{lvl % 2}", (*X.shape[:-2], n - h, X.shape[-1]), X)
             torch.add(even, odd, out=new_a[..., :h, :])
             if n % 2:  # the carried element must be scaled up to the unnormalised convention
                 torch.mul(a[..., n - 1, :], 2.0 ** 0.5, out=new_a[..., h, :])
@@ -423,12 +457,14 @@ class HaarDWT(SequenceTransform):
         L = len(lengths)
         # P_l = 2^{-l/2} A_l (A_l the true approximations): then x_even = P_l + 2^{-l/2} D_l and
         # x_odd = P_l - 2^{-l/2} D_l give P_{l-1} with one add and one sub per level.
-        a = Y[..., : (lengths[-1] + 1) // 2, :] * 2.0 ** (-L / 2)
+        n_a = (lengths[-1] + 1) // 2
+        a = torch.mul(Y[..., :n_a, :], 2.0 ** (-L / 2), out=_scratch("idwt_a", (*Y.shape[:-2], n_a, Y.shape[-1]), Y))
         for lvl in range(L, 0, -1):
             n = lengths[lvl - 1]
             h = n // 2
             det = Y[..., n - h : n, :]
-            out = torch.empty(*Y.shape[:-2], n, Y.shape[-1], dtype=Y.dtype, device=Y.device)
+            shape = (*Y.shape[:-2], n, Y.shape[-1])
+            out = torch.empty(shape, dtype=Y.dtype, device=Y.device) if lvl == 1 else _scratch(f"idwt{lvl % 2}", shape, Y)
             ap = a[..., :h, :]
             c = 2.0 ** (-lvl / 2)
             torch.add(ap, det, alpha=c, out=out[..., 0 : 2 * h : 2, :])

@@ -236,3 +236,18 @@ def test_autograd_flows_through_every_transform():
     for T in _all_for(16) + [transforms.build("dwt", grid=(4, 4))]:
         (g,) = torch.autograd.grad(T.forward(X).pow(2).sum(), X)
         assert torch.allclose(g, 2 * X)  # orthogonal: d||LX||^2/dX = 2X
+
+
+def test_results_never_alias_the_workspace():
+    """Fast paths reuse scratch buffers; what they return must be fresh tensors."""
+    X = torch.randn(2, 512, 1024)  # large enough (> 1 MiB) to use the workspace
+    for T in _all_for(512):
+        Y1 = T.forward(X)
+        Y1c = Y1.clone()
+        X1 = T.inverse(Y1)
+        X1c = X1.clone()
+        T.forward(torch.randn_like(X))
+        T.inverse(torch.randn_like(X))
+        assert torch.equal(Y1, Y1c) and torch.equal(X1, X1c), T
+        assert torch.allclose(X1, X, atol=1e-4), T
+    transforms.clear_workspace()
