@@ -671,9 +671,10 @@ class Dense(SequenceTransform):
         eye = torch.eye(self.s, dtype=torch.float64)
         self.orthogonal = bool(torch.allclose(M @ M.T, eye, atol=1e-8))
         if not self.orthogonal:
-            if torch.linalg.matrix_rank(M) < self.s:
+            inv, info = torch.linalg.inv_ex(M)  # one LU, no SVD
+            if int(info) != 0 or not bool(torch.isfinite(inv).all()):
                 raise ValueError("the transform matrix is singular (not invertible)")
-            self.M_inv = torch.linalg.inv(M)
+            self.M_inv = inv
 
     def __repr__(self):
         return f"{type(self).__name__}(s={self.s}, name={self.name!r})"
