@@ -1,0 +1,187 @@
+"""The set-up files agree with each other: environment.yml, requirements, CI, README, book toc.
+
+Fast (no build, no kernel); the build itself is tested in tests/test_notebooks.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / ".ci"))
+from check_offline import remote_loads  # noqa: E402
+
+sys.path.pop(0)
+
+
+def _requirements(path: Path) -> dict[str, Requirement]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            r = Requirement(line)
+            out[r.name.lower().replace("_", "-")] = r
+    return out
+
+
+def _toc_files(node) -> list[str]:
+    """Every ``file:``/``root:`` entry of a sphinx-external-toc tree, in toc order."""
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("root", "file"):
+                out.append(v)
+            else:
+                out += _toc_files(v)
+    elif isinstance(node, list):
+        for v in node:
+            out += _toc_files(v)
+    return out
+
+
+# ---- environment.yml ------------------------------------------------------------------------
+
+def test_environment_yml_matches_requirements():
+    text = (ROOT / "environment.yml").read_text()
+    env = yaml.safe_load(text)
+    deps = env["dependencies"]
+    conda = [d for d in deps if isinstance(d, str)]
+    pip = [d for d in deps if isinstance(d, dict)]
+    assert "python=3.11" in conda, f"environment.yml must pin python=3.11, has {conda}"
+    # every Python package comes from requirements.txt: conda adds only python, pip and nodejs
+    extra = {re.split(r"[=<>! ]", d)[0] for d in conda} - {"python", "pip", "nodejs"}
+    assert not extra, f"environment.yml installs {extra} outside requirements.txt"
+    assert len(pip) == 1 and "-r requirements.txt" in pip[0]["pip"], "pip section must read requirements.txt"
+    for line in pip[0]["pip"]:
+        if not line.startswith("-"):
+            req = _requirements(ROOT / "requirements.txt")
+            name = Requirement(line).name.lower()
+            assert name in req and str(req[name]) == line, f"{line} disagrees with requirements.txt"
+    # --no-deps cannot be written in a conda pip section: the file must say how to install them
+    assert "requirements-models.txt" in text and "--no-deps" in text
+
+
+def test_python_version_is_allowed_by_pyproject():
+    import tomllib
+
+    spec = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    assert "3.11" in spec
+
+
+def test_model_packages_are_pinned_and_apart():
+    """requirements-models.txt is installed with --no-deps, so every line must be an exact pin,
+    and none of them may also appear in requirements.txt (that would install its dependencies)."""
+    models = _requirements(ROOT / "requirements-models.txt")
+    main = _requirements(ROOT / "requirements.txt")
+    assert models
+    for name, r in models.items():
+        assert str(r.specifier).startswith("=="), f"{name} is not pinned exactly"
+        assert name not in main, f"{name} is in both requirements files"
+
+
+# ---- CI, Makefile, README -------------------------------------------------------------------
+
+def test_ci_runs_make_test():
+    ci = ROOT / ".ci" / "run"
+    lines = [ln.strip() for ln in ci.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert "set -euo pipefail" in lines
+    assert lines[-1] == "make test" and sum("make" in ln for ln in lines) == 1, lines
+    assert os.access(ci, os.X_OK), ".ci/run is not executable"
+
+
+def test_makefile_targets():
+    mk = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z]+):", mk, flags=re.M))
+    assert {"book", "test", "unit", "bench", "lab", "clean"} <= targets, targets
+    assert re.search(r"^test: .*\n\t\$\(BIN\)/pytest -q tests$", mk, flags=re.M)
+    book = re.search(r"^book:.*\n((?:\t.*\n)+)", mk, flags=re.M).group(1)
+    assert "--all -W -n --keep-going" in book and "check_offline.py _build/html" in book
+    assert "--no-deps -r requirements-models.txt" in mk and "--no-deps -e ." in mk
+    assert "export STUDY_SIZE ?= small" in mk and "export HF_HUB_OFFLINE := 1" in mk
+
+
+def test_readme_gives_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    commands = [ln.split("#")[0].strip() for ln in blocks[0].splitlines()]
+    assert [c for c in commands if c] == ["make book", "make test"]
+    assert "STUDY_SIZE=full make book" in readme and "_build/html" in readme
+    assert "requirements-models.txt" in readme and "--no-deps" in readme
+
+
+# ---- book -----------------------------------------------------------------------------------
+
+def test_toc_lists_every_notebook_and_every_entry_exists():
+    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+    files = _toc_files(toc)
+    docnames = [re.sub(r"\.(md|ipynb)$", "", f) for f in files]
+    missing = [d for d in docnames if not any((ROOT / f"{d}{s}").is_file() for s in (".md", ".ipynb"))]
+    assert not missing, f"book/_toc.yml lists files that do not exist: {missing}"
+    notebooks = {f"notebooks/{p.stem}" for p in (ROOT / "notebooks").glob("*.md")}
+    unlisted = sorted(notebooks - set(docnames))
+    assert not unlisted, f"notebooks missing from book/_toc.yml: {unlisted}"
+    assert len(set(docnames)) == len(docnames), "a file is listed twice in the toc"
+
+
+def test_claims_page_is_executed_last():
+    """Sphinx reads (and so executes) documents in sorted docname order, not toc order."""
+    docnames = [re.sub(r"\.(md|ipynb)$", "", f)
+                for f in _toc_files(yaml.safe_load((ROOT / "book" / "_toc.yml").read_text()))]
+    assert sorted(docnames)[-1] == "notebooks/99_claims", sorted(docnames)
+    assert sorted(p.stem for p in (ROOT / "notebooks").glob("*.md"))[-1] == "99_claims"
+
+
+def test_book_config_is_strict_and_offline():
+    cfg = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())
+    ex = cfg["execute"]
+    assert ex["execute_notebooks"] == "force" and ex["allow_errors"] is False
+    assert ex["timeout"] >= 1800 and ex["stderr_output"] in ("remove", "show")
+    sc = cfg["sphinx"]["config"]
+    assert not re.match(r"(https?:)?//", sc["mathjax_path"]), "MathJax must be served locally"
+    assert sc["html_static_path"] == ["book/_static"] and sc["nb_ipywidgets_js"] == {}
+    assert "sphinx_proof" in cfg["sphinx"]["extra_extensions"]
+    assert cfg["bibtex_bibfiles"] == ["book/references.bib"]
+    for d in (".venv", "data", "tests", "_build"):
+        assert d in cfg["exclude_patterns"]
+    gitignore = (ROOT / ".gitignore").read_text()
+    assert "book/_static/mathjax/" in gitignore and "_build/" in gitignore
+
+
+def test_cited_keys_exist_in_bibliography():
+    bib = (ROOT / "book" / "references.bib").read_text()
+    keys = set(re.findall(r"^@\w+\{([^,\s]+),", bib, flags=re.M))
+    assert "federici2026stamp" in keys
+    pages = [ROOT / "book" / "intro.md", *sorted((ROOT / "notebooks").glob("*.md"))]
+    for page in pages:
+        for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", page.read_text()):
+            for key in group.split(","):
+                assert key.strip() in keys, f"{page.name} cites unknown key {key.strip()!r}"
+
+
+# ---- the offline checker --------------------------------------------------------------------
+
+@pytest.mark.parametrize("html, n_bad", [
+    ('<script src="https://cdn.example.org/x.js"></script>', 1),
+    ('<link rel="stylesheet" href="//fonts.example.org/f.css">', 1),
+    ('<img src="http://example.org/a.png">', 1),
+    ('<script src="_static/mathjax/tex-svg.js"></script><link href="_static/a.css">', 0),
+    ('<a href="https://arxiv.org/abs/2510.26771">paper</a>', 0),  # a link loads nothing
+])
+def test_check_offline_flags_remote_loads(tmp_path, html, n_bad):
+    (tmp_path / "page.html").write_text(f"<html><head>{html}</head><body></body></html>")
+    assert len(remote_loads(tmp_path)) == n_bad
+
+
+def test_check_offline_flags_remote_css(tmp_path):
+    (tmp_path / "page.html").write_text("<html></html>")
+    (tmp_path / "a.css").write_text("@import url('https://fonts.example.org/x.css'); b{}")
+    (tmp_path / "b.css").write_text("i { background: url(img/local.png) }")
+    assert [ln.split(":")[0] for ln in remote_loads(tmp_path)] == ["a.css"]
