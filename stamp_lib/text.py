@@ -1,0 +1,232 @@
+"""Real English text for the LLM experiments: Wikipedia articles shipped inside gensim 4.4.0.
+
+Source: ``gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``
+(English Wikipedia dump of May 2016, the era of WikiText). Text from Wikipedia is licensed
+CC BY-SA 3.0 (https://creativecommons.org/licenses/by-sa/3.0/); authors: the Wikipedia
+contributors of each article (page histories at https://en.wikipedia.org/wiki/<title>). We use it
+only to compute perplexities and activation statistics; we redistribute none of it.
+
+Contract
+--------
+* :func:`wiki_articles` -> list of ``(title, text)``: pages of namespace 0, redirects and
+  disambiguation pages skipped, markup removed with ``gensim.corpora.wikicorpus.filter_wiki`` and
+  then :func:`clean_wiki`. Deterministic (dump order), cached as JSON in ``study.cache_dir("text")``.
+* :func:`wiki_split` -> ``(calib, eval)``: a split by article that never overlaps and does not
+  depend on the machine: articles are ranked by sha256 of their title and the first
+  ``round(calib_fraction * n)`` go to calibration. Each part keeps dump order.
+* :func:`token_windows` -> LongTensor (n, seq_len): the articles are tokenized separately
+  (no special tokens), joined into one stream with the tokenizer's EOS token between articles
+  (``"\\n\\n"`` when it has none), and cut into consecutive non-overlapping windows; the tail
+  shorter than a window is dropped. For tokenizers whose convention starts a text with BOS
+  (Gemma) every window is BOS + ``seq_len - 1`` stream tokens. Perplexity over these windows
+  scores every window on its own, with no context carried over from the previous window.
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from . import study
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+GENSIM_PIN = "gensim==4.4.0"
+CLEAN_VERSION = 1  # bump when clean_wiki changes (invalidates the cached JSON)
+MIN_LINE_WORDS = 4  # shorter non-heading lines are table cells, empty bullets, template junk
+MIN_ARTICLE_WORDS = 100
+DROP_SECTIONS = {"see also", "notes", "references", "external links", "further reading", "bibliography",
+                 "sources", "footnotes", "citations", "works cited", "notes and references", "references and notes",
+                 "primary sources", "secondary sources", "gallery", "discography", "filmography"}
+
+
+class TextDataMissing(ImportError):
+    """The package that ships the text is not installed; the message says how to install it."""
+
+
+def wiki_path() -> Path:
+    """Path of the bz2 Wikipedia dump inside the installed gensim (found without importing it)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise TextDataMissing(f"gensim is not installed; install it with: pip install {GENSIM_PIN}")
+    p = Path(spec.origin).parent / "test" / "test_data" / WIKI_FILE
+    if not p.is_file():
+        raise TextDataMissing(f"{WIKI_FILE} not found in {p.parent}; install the pinned version: pip install {GENSIM_PIN}")
+    return p
+
+
+_HEADING = re.compile(r"^(={2,6})\s*(.*?)\s*\1$")
+
+
+def clean_wiki(text: str) -> str:
+    """Turn the output of ``filter_wiki`` into plain paragraphs, one per line.
+
+    Removes bold/italic quote marks, bullet/indent markers, empty brackets left by removed
+    templates, spaces before punctuation, reference-like sections (See also, Notes, References,
+    External links, ...), lines of fewer than ``MIN_LINE_WORDS`` words (table cells, empty
+    bullets) and headings whose section ends up empty. Headings become a line with their text.
+    """
+    lines, skip_level = [], None
+    for raw in text.split("\n"):
+        line = re.sub(r"'{2,}", "", raw).strip()
+        m = _HEADING.match(line)
+        if m:
+            level, title = len(m.group(1)), m.group(2).strip()
+            if skip_level is not None and level > skip_level:
+                continue  # a sub-section of a dropped section
+            skip_level = level if title.lower() in DROP_SECTIONS else None
+            if skip_level is None and title:
+                lines.append(("h", title))
+            continue
+        if skip_level is not None:
+            continue
+        line = re.sub(r"^[*#:;]+\s*", "", line)                  # list / indent markers
+        line = re.sub(r"\(\s*[,;:]?\s*\)", "", line)             # "( )", "(, )" left by templates
+        line = re.sub(r"\(\s*[,;:]\s*", "(", line)               # "(; born ..." -> "(born ..."
+        line = re.sub(r"[ \t\u00a0]+", " ", line)
+        line = re.sub(r" +([,.;:!?)])", r"\1", line).strip()     # "Greek , i.e." -> "Greek, i.e."
+        if len(line.split()) >= MIN_LINE_WORDS:
+            lines.append(("p", line))
+    # keep a heading only if some paragraph follows it before the next heading
+    out = [t for i, (k, t) in enumerate(lines) if k == "p" or (i + 1 < len(lines) and lines[i + 1][0] == "p")]
+    return "\n".join(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _articles() -> tuple[tuple[str, str], ...]:
+    src = wiki_path()
+    with open(src, "rb") as f:
+        src_sha = hashlib.sha256(f.read()).hexdigest()[:16]
+    cache = study.cache_dir("text") / f"wiki-{src_sha}-clean{CLEAN_VERSION}.json"
+    try:
+        return tuple((t, x) for t, x in json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        pass
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    out = []
+    with bz2.open(src, "rb") as f:
+        for title, raw, _ in extract_pages(f, filter_namespaces=("0",)):
+            if raw.lstrip().lower().startswith("#redirect") or "(disambiguation)" in title:
+                continue
+            text = clean_wiki(filter_wiki(raw))
+            if len(text.split()) >= MIN_ARTICLE_WORDS:
+                out.append((title, text))
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(cache)
+    return tuple(out)
+
+
+def wiki_articles() -> list[tuple[str, str]]:
+    """All cleaned articles as ``(title, text)`` in dump order (Wikipedia, CC BY-SA 3.0)."""
+    return list(_articles())
+
+
+def _title_rank(title: str) -> str:
+    return hashlib.sha256(title.encode("utf-8")).hexdigest()
+
+
+def wiki_split(calib_fraction: float = 0.25) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(calibration, evaluation)`` articles: disjoint, deterministic, by sha256 rank of the title.
+
+    A larger ``calib_fraction`` only moves articles from evaluation to calibration (nested splits)."""
+    if not isinstance(calib_fraction, (int, float)) or not 0.0 < calib_fraction < 1.0:
+        raise ValueError(f"calib_fraction must be in (0, 1), got {calib_fraction!r}")
+    arts = wiki_articles()
+    n_cal = min(max(round(calib_fraction * len(arts)), 1), len(arts) - 1)
+    calib_titles = set(sorted((a[0] for a in arts), key=_title_rank)[:n_cal])
+    return [a for a in arts if a[0] in calib_titles], [a for a in arts if a[0] not in calib_titles]
+
+
+def _texts(articles) -> list[str]:
+    if isinstance(articles, str):
+        raise TypeError("articles must be a list of (title, text) pairs or of strings, not one string")
+    texts = [a[1] if isinstance(a, (tuple, list)) else a for a in articles]
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("articles must be a non-empty list of (title, text) pairs or of strings")
+    return texts
+
+
+def _tokenizer_fingerprint(tokenizer) -> str | None:
+    """Hash of a fast tokenizer's full definition (vocab, merges, normalizer); None for others."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def token_stream(tokenizer, articles, cache: bool = True) -> torch.Tensor:
+    """1-D LongTensor: every article tokenized without special tokens, EOS between articles.
+
+    Cached in ``study.cache_dir("text")`` keyed by a hash of the tokenizer definition and of the
+    texts (fast Hugging Face tokenizers only; others are never cached)."""
+    texts = _texts(articles)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    sep = [eos] if eos is not None else tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    fp = _tokenizer_fingerprint(tokenizer) if cache else None
+    cache = fp is not None
+    if cache:
+        h = hashlib.sha256()
+        for t in texts:
+            h.update(t.encode("utf-8") + b"\0")
+        path = study.cache_dir("text") / f"tokens-{fp}-{h.hexdigest()[:16]}.pt"
+    if cache and path.is_file():
+        try:
+            return torch.load(path).long()
+        except Exception:  # a partial file: rebuild below
+            pass
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    stream = []
+    for i, x in enumerate(ids):
+        stream.extend(x if i == 0 else sep + x)
+    out = torch.tensor(stream, dtype=torch.long)
+    if cache:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(out.to(torch.int32), tmp)
+        tmp.replace(path)
+    return out
+
+
+def adds_bos(tokenizer) -> bool:
+    """True when the tokenizer's own convention starts every text with its BOS token (Gemma,
+    LLaMA-3); SmolLM2 does not. Such models need BOS at position 0 (Gemma-3-270M: perplexity
+    about 4x higher without it), so :func:`token_windows` then starts every window with it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def token_windows(tokenizer, articles, seq_len: int, n_windows: int | None = None, cache: bool = True,
+                  bos: bool | None = None) -> torch.Tensor:
+    """LongTensor (n, seq_len) of consecutive non-overlapping windows over :func:`token_stream`.
+
+    With ``bos`` (default: :func:`adds_bos`) each window is the BOS token followed by the next
+    ``seq_len - 1`` stream tokens. The tail shorter than a window is dropped; ``n_windows`` keeps
+    the first ``n_windows`` windows (an error if fewer exist)."""
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    bos = adds_bos(tokenizer) if bos is None else bool(bos)
+    body = seq_len - 1 if bos else seq_len
+    stream = token_stream(tokenizer, articles, cache=cache)
+    n_avail = len(stream) // body
+    if n_windows is None:
+        n_windows = n_avail
+    if not isinstance(n_windows, int) or n_windows < 1:
+        raise ValueError(f"n_windows must be a positive int or None, got {n_windows!r}")
+    if n_windows > n_avail:
+        raise ValueError(f"asked for {n_windows} windows of {seq_len} tokens but the text has {len(stream)} tokens "
+                         f"({n_avail} windows); use fewer/shorter windows or more articles")
+    w = stream[: n_windows * body].view(n_windows, body)
+    if bos:
+        w = torch.cat([torch.full((n_windows, 1), tokenizer.bos_token_id, dtype=torch.long), w], 1)
+    return w.clone()

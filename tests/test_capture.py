@@ -1,0 +1,210 @@
+"""Activation capture: selection, exact captured values, hooks removed, outputs unchanged, disk store."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from stamp_lib import capture
+
+
+class Tiny(nn.Module):
+    """A LLaMA-shaped block: q/k/v share one input, gate/up share another."""
+
+    def __init__(self, d=8, h=12):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.ModuleDict({n: nn.Linear(d, d) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        self.mlp = nn.ModuleDict({"gate_proj": nn.Linear(d, h), "up_proj": nn.Linear(d, h), "down_proj": nn.Linear(h, d)})
+
+    def parts(self, x):
+        """The input of every linear, computed by hand (the trusted reference)."""
+        a = self.norm(x)
+        q, k, v = self.attn.q_proj(a), self.attn.k_proj(a), self.attn.v_proj(a)
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+        h = x + self.attn.o_proj(att)
+        m = torch.nn.functional.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h)
+        return {"attn.q_proj": a, "attn.k_proj": a, "attn.v_proj": a, "attn.o_proj": att,
+                "mlp.gate_proj": h, "mlp.up_proj": h, "mlp.down_proj": m}, h + self.mlp.down_proj(m)
+
+    def forward(self, x):
+        return self.parts(x)[1]
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return Tiny().eval(), torch.randn(5, 6, 8)
+
+
+def n_hooks(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_captured_inputs_equal_manual_forward(tiny):
+    model, x = tiny
+    ref, _ = model.parts(x)
+    for dedup in (False, True):
+        res = capture.capture_inputs(model, x, "*", batch_size=2, dedup=dedup, progress=False)
+        assert set(res.names) == set(ref)
+        for name, want in ref.items():
+            assert torch.equal(res[name], want), (name, dedup)
+
+
+def test_dedup_aliases_only_shared_inputs(tiny):
+    model, x = tiny
+    res = capture.capture_inputs(model, x, "*", batch_size=2, dedup=True, progress=False)
+    assert res.aliases == {"attn.k_proj": "attn.q_proj", "attn.v_proj": "attn.q_proj", "mlp.up_proj": "mlp.gate_proj"}
+    assert set(res.acts) == {"attn.q_proj", "attn.o_proj", "mlp.gate_proj", "mlp.down_proj"}
+    assert capture.capture_inputs(model, x, "*", dedup=False, progress=False).aliases == {}
+
+
+def test_outputs_unchanged_and_hooks_removed(tiny):
+    model, x = tiny
+    before = model(x)
+    seen = []
+    with capture.capturing(model, "*", lambda n, t: seen.append(n), dedup=True) as h:
+        h.new_pass()
+        during = model(x)
+        assert n_hooks(model) == 7
+    assert torch.equal(before, during)
+    assert seen == ["attn.q_proj", "attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    assert n_hooks(model) == 0
+    assert torch.equal(model(x), before)
+
+
+def test_hooks_removed_when_forward_raises(tiny):
+    model, x = tiny
+
+    def boom(m, b):
+        m(b)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        capture.capture_inputs(model, x, "*", forward=boom, progress=False)
+    assert n_hooks(model) == 0
+
+
+def test_pattern_selection(tiny):
+    model, _ = tiny
+    sel = lambda p: list(capture.select_modules(model, p))
+    assert sel("*.q_proj") == ["attn.q_proj"]
+    assert sel(["attn.*", "*.down_proj"]) == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.down_proj"]
+    assert sel("re:mlp\\.(gate|up)_proj") == ["mlp.gate_proj", "mlp.up_proj"]
+    assert sel(re.compile(r".*_proj")) == sel("*")
+    assert sel("*") == [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert list(capture.select_modules(model, "*", types=(nn.LayerNorm,))) == ["norm"]
+    with pytest.raises(ValueError, match="matches no Linear module"):
+        capture.select_modules(model, "*.nonexistent")
+    with pytest.raises(TypeError):
+        capture.select_modules(model, 3)
+
+
+def test_keep_patterns_and_reduce(tiny):
+    model, x = tiny
+    ref, _ = model.parts(x)
+    ac = capture.AutoCorrelation()
+    res = capture.capture_inputs(model, x, "*", keep="*.down_proj", reduce=ac, batch_size=2, progress=False)
+    assert list(res.acts) == ["mlp.down_proj"]
+    for name in ("attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
+        want = torch.einsum("bsd,btd->st", ref[name].double(), ref[name].double())
+        torch.testing.assert_close(ac.sums[name], want)
+        assert ac.counts[name] == x.shape[0] * ref[name].shape[-1]
+    assert "attn.k_proj" not in ac.sums  # an alias; read it as ac.sums[res.canonical("attn.k_proj")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_disk_store_roundtrip(tiny, tmp_path, dtype):
+    model, x = tiny
+    ref, _ = model.parts(x)
+    res = capture.capture_inputs(model, x, "*", out_dir=tmp_path, store_dtype=dtype, keep=True, batch_size=2, progress=False)
+    store = capture.ActivationStore.open(tmp_path)
+    assert set(store.names) == set(ref) and store.dtype == dtype
+    for name, want in ref.items():
+        got = store.load(name)
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype)), name
+        assert torch.equal(got, res[name])
+    assert torch.equal(store.load("mlp.down_proj", rows=slice(1, 3)), ref["mlp.down_proj"][1:3].to(dtype))
+
+
+def test_interrupted_capture_leaves_no_index(tiny, tmp_path):
+    model, x = tiny
+    calls = []
+
+    def fail_second(m, b):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return m(b)
+
+    with pytest.raises(KeyboardInterrupt):
+        capture.capture_inputs(model, x, "*", out_dir=tmp_path, forward=fail_second, progress=False)
+    with pytest.raises(FileNotFoundError, match="interrupted"):
+        capture.ActivationStore.open(tmp_path)
+
+
+def test_float16_overflow_is_an_error(tiny):
+    model, x = tiny
+    with pytest.raises(OverflowError, match="float16"):
+        capture.capture_inputs(model, x * 1e6, "*.gate_proj", store_dtype=torch.float16, progress=False)
+
+
+# ----------------------------------------------------------------------------- real SmolLM2
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2 with one torch thread (2 shared cores: two threads oversubscribe, 10x slower)."""
+    from stamp_lib import models
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield models.load_smollm2()
+    torch.set_num_threads(n)
+
+
+@pytest.mark.models
+def test_smollm2_capture_matches_manual_layer_forward(smollm2):
+    model, tok = smollm2
+    ids = tok("The quick brown fox jumps over the lazy dog. Sequence transforms move energy.", return_tensors="pt").input_ids
+    L = 3
+    layer = model.model.layers[L]
+    pats = [f"model.layers.{L}.*"]
+    with torch.no_grad():
+        plain = model(ids, output_hidden_states=True)
+        hooks_before = n_hooks(model)  # transformers installs hooks of its own on first use
+        res = capture.capture_inputs(model, ids, pats, dedup=True, progress=False)
+        with_capture = model(ids)
+    assert n_hooks(model) == hooks_before
+    assert torch.equal(plain.logits, with_capture.logits)  # capturing changes nothing
+    assert res.aliases == {f"model.layers.{L}.self_attn.{p}_proj": f"model.layers.{L}.self_attn.q_proj" for p in "kv"} | {
+        f"model.layers.{L}.mlp.up_proj": f"model.layers.{L}.mlp.gate_proj"}
+    p = f"model.layers.{L}."
+    h, h_next = plain.hidden_states[L], plain.hidden_states[L + 1]
+    with torch.no_grad():
+        assert torch.equal(res[p + "self_attn.q_proj"], layer.input_layernorm(h))
+        h_mid = h + layer.self_attn.o_proj(res[p + "self_attn.o_proj"])
+        torch.testing.assert_close(res[p + "mlp.gate_proj"], layer.post_attention_layernorm(h_mid), rtol=1e-5, atol=1e-5)
+        g = res[p + "mlp.gate_proj"]
+        assert torch.equal(res[p + "mlp.down_proj"], layer.mlp.act_fn(layer.mlp.gate_proj(g)) * layer.mlp.up_proj(g))
+        torch.testing.assert_close(h_mid + layer.mlp.down_proj(res[p + "mlp.down_proj"]), h_next, rtol=1e-5, atol=1e-4)
+    assert res[p + "mlp.down_proj"].shape == (1, ids.shape[1], 1536)
+
+
+@pytest.mark.models
+def test_smollm2_all_linears_and_autocorrelation(smollm2):
+    model, tok = smollm2
+    ids = tok("Anarchism is a political philosophy.", return_tensors="pt").input_ids
+    ac = capture.AutoCorrelation()
+    res = capture.capture_inputs(model, ids, "*", keep="*.layers.0.*", reduce=ac, progress=False)
+    assert len(res.names) == 30 * 7 + 1  # 7 linears per layer + lm_head
+    assert len(res.aliases) == 30 * 3 and len(ac.sums) == 30 * 4 + 1
+    x = res["model.layers.0.mlp.down_proj"][0].double()
+    torch.testing.assert_close(ac.sums["model.layers.0.mlp.down_proj"], x @ x.T)
+    assert capture.capture_bytes(model, "*", n_tokens=1, bytes_per_value=2) == 2 * (30 * (3 * 576 + 1536) + 576)
+
+
+@pytest.mark.models
+def test_capture_benchmark_smoke(tmp_path):
+    out = capture.capture_benchmark(n_windows=1, seq_len=64, out_dir=tmp_path, threads=1)
+    assert out["captured_modules"] == 121 and out["disk_mb"] == out["expected_disk_mb"]
+    assert out["time_ratio"] > 0 and out["forward_peak_rss_mb"] > 100
