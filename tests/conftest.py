@@ -24,3 +24,17 @@ _paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p a
 os.environ["JUPYTER_PATH"] = os.pathsep.join([_share, *_paths])
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a shared 2-core machine two threads can run ten times
+    slower (oversubscription); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -62,12 +62,8 @@ def np_scorenet(arrays, y, t):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads can run ten times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(one_thread):
+    """Every test here runs with one torch thread (fixture in conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,6 @@ from stamp_lib import models, study, text
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread: the 2 shared cores are oversubscribed otherwise (10x slower forwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def smollm2(one_thread):
     return models.load_smollm2()
 
