@@ -48,6 +48,7 @@ __all__ = [
     "toeplitz_fraction",
     "center_tokens",
     "correlation",
+    "SumXXT",
     "TokenApart",
     "Measured",
     "measure",
@@ -319,9 +320,32 @@ class ModuleResult:
 
 
 def _autocorr(X: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum over samples and features of X X^T (s, s) float64, and the number of columns summed."""
-    X = X.reshape(-1, *X.shape[-2:]).double()
-    return torch.einsum("nsd,ntd->st", X, X), X.shape[0] * X.shape[2]
+    """Sum over samples and features of X X^T (s, s), and the number of columns summed.
+
+    One matmul per sample in the input's dtype (float32 activations: about 3x faster than a float64
+    product on CPU, relative error ~1e-6 per entry), accumulated in float64."""
+    X = X.reshape(-1, *X.shape[-2:])
+    out = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+    for x in X:
+        out += (x @ x.T).double()
+    return out, X.shape[0] * X.shape[2]
+
+
+class SumXXT:
+    """``reduce`` callback for ``capture.capture_inputs``: per module, the sum of X X^T over batch
+    and features (float64, s x s) and the number of columns summed (see :func:`_autocorr`)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"{name}: need (..., s, d) inputs, got {tuple(x.shape)}")
+        S, n = _autocorr(x.detach())
+        S = S.cpu()
+        self.sums[name] = self.sums[name] + S if name in self.sums else S
+        self.counts[name] = self.counts.get(name, 0) + n
 
 
 def _klt_insample_energy(S_sum: torch.Tensor) -> torch.Tensor:
@@ -450,7 +474,7 @@ def llm_sequence_stats(model, calib_windows: torch.Tensor, eval_windows: torch.T
         pats = [f"*layers.{i}.*" for i in chunk]
         mods = capture.select_modules(model, pats)
         last = mods[list(mods)[-1]]
-        acal = capture.AutoCorrelation()
+        acal = SumXXT()
         with _stop_after(last):
             capture.capture_inputs(model, calib_windows, pats, keep=False, reduce=acal, forward=_run_until_stop,
                                    progress=progress)
@@ -513,7 +537,7 @@ def galaxy_sequence_stats(model, calib_y0: torch.Tensor, eval_y0: torch.Tensor, 
     fwd = lambda m, y: m(y, t)  # noqa: E731
     ycal = galaxy_noised(calib_y0, t, noise_seed)
     yev = galaxy_noised(eval_y0, t, noise_seed + 1)
-    acal = capture.AutoCorrelation()
+    acal = SumXXT()
     capture.capture_inputs(model, [ycal], "*", keep=False, reduce=acal, forward=fwd, progress=False)
     cap = capture.capture_inputs(model, [yev], "*", keep=True, forward=fwd, progress=False)
     out = {}

@@ -134,7 +134,7 @@ def test_in_sample_klt_is_the_ky_fan_maximum(corr_data):
     full = analysis._module_result("m", 0, "x", X, S_cal, 8, base, "4", levels={"dwt": 3})
     short = analysis._module_result("m", 0, "x", X, S_cal, 8, base, "4", levels={"dwt": 3}, insample_quant=False)
     assert "klt (in-sample)" not in short.results
-    assert torch.allclose(full.klt_insample_energy, short.klt_insample_energy, rtol=1e-9)
+    assert torch.allclose(full.klt_insample_energy, short.klt_insample_energy, rtol=1e-9)  # float64 data
     best = full.profile("klt (in-sample)")
     for name in [*base, "klt"]:
         assert (full.profile(name) <= best + 1e-12).all(), name
@@ -255,3 +255,17 @@ def test_center_tokens_removes_the_mean_token_direction():
     # a constant matrix is Toeplitz; after centring nothing of it is left to explain
     assert analysis.toeplitz_fraction(torch.ones(s, s)) == pytest.approx(1.0)
     assert analysis.center_tokens(torch.ones(s, s)).abs().max() < 1e-12
+
+
+def test_sum_xxt_matches_the_capture_reducer():
+    from stamp_lib import capture
+
+    x = torch.randn(3, 9, 5)
+    ours, ref = analysis.SumXXT(), capture.AutoCorrelation()
+    for r in (ours, ref):
+        r("m", x)
+        r("m", 2 * x)
+    assert ours.counts["m"] == ref.counts["m"] == 30
+    assert torch.allclose(ours.sums["m"], ref.sums["m"], rtol=1e-5, atol=1e-5)
+    x64 = x.double()
+    assert torch.allclose(analysis._autocorr(x64)[0], torch.einsum("nsd,ntd->st", x64, x64), rtol=1e-12)
