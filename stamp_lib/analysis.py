@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import metrics, quant, transforms
+from . import capture, metrics, quant, transforms
 from ._checks import as_sequence_tensor
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "toeplitz_fraction",
     "center_tokens",
     "correlation",
-    "SumXXT",
     "TokenApart",
     "Measured",
     "measure",
@@ -319,33 +318,7 @@ class ModuleResult:
         return self.results[transform].profile()
 
 
-def _autocorr(X: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum over samples and features of X X^T (s, s), and the number of columns summed.
-
-    One matmul per sample in the input's dtype (float32 activations: about 3x faster than a float64
-    product on CPU, relative error ~1e-6 per entry), accumulated in float64."""
-    X = X.reshape(-1, *X.shape[-2:])
-    out = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
-    for x in X:
-        out += (x @ x.T).double()
-    return out, X.shape[0] * X.shape[2]
-
-
-class SumXXT:
-    """``reduce`` callback for ``capture.capture_inputs``: per module, the sum of X X^T over batch
-    and features (float64, s x s) and the number of columns summed (see :func:`_autocorr`)."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def __call__(self, name: str, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"{name}: need (..., s, d) inputs, got {tuple(x.shape)}")
-        S, n = _autocorr(x.detach())
-        S = S.cpu()
-        self.sums[name] = self.sums[name] + S if name in self.sums else S
-        self.counts[name] = self.counts.get(name, 0) + n
+_autocorr = capture.sum_xxt  # sum of X X^T over samples and features, and the column count
 
 
 def _klt_insample_energy(S_sum: torch.Tensor) -> torch.Tensor:
@@ -446,7 +419,6 @@ def llm_sequence_stats(model, calib_windows: torch.Tensor, eval_windows: torch.T
     ``keep_S`` / ``keep_X``: module names whose evaluation S / activations are kept in the result."""
     from tqdm.auto import tqdm
 
-    from . import capture
 
     for w, what in ((calib_windows, "calib_windows"), (eval_windows, "eval_windows")):
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != torch.long:
@@ -474,7 +446,7 @@ def llm_sequence_stats(model, calib_windows: torch.Tensor, eval_windows: torch.T
         pats = [f"*layers.{i}.*" for i in chunk]
         mods = capture.select_modules(model, pats)
         last = mods[list(mods)[-1]]
-        acal = SumXXT()
+        acal = capture.AutoCorrelation()
         with _stop_after(last):
             capture.capture_inputs(model, calib_windows, pats, keep=False, reduce=acal, forward=_run_until_stop,
                                    progress=progress)
@@ -523,7 +495,6 @@ def galaxy_sequence_stats(model, calib_y0: torch.Tensor, eval_y0: torch.Tensor, 
     (levels log2(sqrt(s / min(hp_tokens))): 3 on 16 x 16 leaves the 2 x 2 LL band), and the KLTs.
     Token-mixing inputs (rows = channels: no spatial order) get the 1-D transforms and the KLTs with
     ``token_hp`` high-precision rows and ``token_bits``. Returns ``{name: ModuleResult}``."""
-    from . import capture
 
     t = float(t)
     grid = (model.grid, model.grid)
@@ -537,7 +508,7 @@ def galaxy_sequence_stats(model, calib_y0: torch.Tensor, eval_y0: torch.Tensor, 
     fwd = lambda m, y: m(y, t)  # noqa: E731
     ycal = galaxy_noised(calib_y0, t, noise_seed)
     yev = galaxy_noised(eval_y0, t, noise_seed + 1)
-    acal = SumXXT()
+    acal = capture.AutoCorrelation()
     capture.capture_inputs(model, [ycal], "*", keep=False, reduce=acal, forward=fwd, progress=False)
     cap = capture.capture_inputs(model, [yev], "*", keep=True, forward=fwd, progress=False)
     out = {}
