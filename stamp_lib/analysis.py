@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import capture, metrics, quant, transforms
+from . import bounds, capture, metrics, quant, transforms
 from ._checks import as_sequence_tensor
 
 __all__ = [
@@ -254,9 +254,7 @@ def measure(X: torch.Tensor, transforms_: dict, bits, batch: int = 4, symmetric:
     for name, T in transforms_.items():
         if not getattr(T, "orthogonal", True):
             raise ValueError(f"transform {name!r} is not orthogonal; Theorem 1 and this comparison need orthogonal L")
-    # Theorem 1 per row: (d/2) / (2^b - 1)^2 asymmetric, d / (2^b - 2)^2 symmetric (bounds.theorem1_terms)
-    coef = {k: (d / (2.0**b.double() - 2.0) ** 2 if symmetric else (d / 2.0) / (2.0**b.double() - 1.0) ** 2)
-             for k, b in bitd.items()}
+    coef = {k: bounds.theorem1_coefficients(b, d, symmetric) for k, b in bitd.items()}
     out = {name: Measured(energy=torch.zeros(s, dtype=torch.float64),
                           err={k: 0.0 for k in bitd}, bound={k: 0.0 for k in bitd}) for name in transforms_}
     for i in range(0, n, batch):
@@ -270,7 +268,7 @@ def measure(X: torch.Tensor, transforms_: dict, bits, batch: int = 4, symmetric:
             m.energy += e
             for label, b in bitd.items():
                 m.bound[label] += float((coef[label] * e).sum())
-                Xq = T.inverse(quant.fake_quant(Y, b, symmetric=symmetric, clip_ratio=clip_ratio))
+                Xq = quant.stamp_fake_quant(xb, T, b, LX=Y, symmetric=symmetric, clip_ratio=clip_ratio)
                 m.err[label] += float((Xq - xb).pow(2).sum(dtype=torch.float64))
     return out
 

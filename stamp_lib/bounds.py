@@ -28,7 +28,16 @@ from ._checks import as_sequence_tensor, check_bits
 from .metrics import row_energy
 from .quant import stamp_fake_quant
 
-__all__ = ["theorem1", "theorem1_terms", "stamp_error"]
+__all__ = ["theorem1", "theorem1_terms", "theorem1_coefficients", "stamp_error"]
+
+
+def theorem1_coefficients(bits: torch.Tensor, B: int, symmetric: bool = False) -> torch.Tensor:
+    """Per-row factor c_i of Theorem 1, bound = sum_i c_i ||l_i X||^2 (float64): (B/2)/(2^b-1)^2
+    asymmetric, B/(2^b-2)^2 restricted symmetric; B = d, or the block size for per-block ranges."""
+    b = torch.as_tensor(bits).double()
+    if symmetric:
+        return B / (2.0**b - 2.0) ** 2
+    return (B / 2.0) / (2.0**b - 1.0) ** 2
 
 
 def theorem1_terms(
@@ -50,11 +59,9 @@ def theorem1_terms(
     B = d if block_size is None else block_size
     if d % B:
         raise ValueError(f"feature dim d={d} is not a multiple of block_size={B}")
-    b = check_bits(bits, s).double()
+    b = check_bits(bits, s)
     e = row_energy(T.forward(X))  # ||l_i X||^2, step 1 keeps the norm
-    if symmetric:
-        return B * e / (2.0**b - 2.0) ** 2
-    return (B / 2.0) * e / (2.0**b - 1.0) ** 2
+    return theorem1_coefficients(b, B, symmetric) * e
 
 
 def theorem1(X: torch.Tensor, T, bits, **kw) -> float:

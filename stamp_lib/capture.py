@@ -31,7 +31,6 @@ Contract
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import os
 import re
@@ -45,41 +44,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import hooks as hooks_
+
 STORE_FORMAT = 1
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16, torch.float64: np.float64}
 
 
 # ----------------------------------------------------------------------------- selection
-def _as_patterns(patterns) -> list:
-    if isinstance(patterns, (str, re.Pattern)):
-        return [patterns]
-    pats = list(patterns)
-    if not pats or not all(isinstance(p, (str, re.Pattern)) for p in pats):
-        raise TypeError("patterns must be a glob string, 're:<regex>', a compiled regex, or a non-empty list of them")
-    return pats
-
-
-def _matches(name: str, pat) -> bool:
-    if isinstance(pat, re.Pattern):
-        return pat.fullmatch(name) is not None
-    if pat.startswith("re:"):
-        return re.fullmatch(pat[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pat)
-
-
-def select_modules(model: nn.Module, patterns="*", types=(nn.Linear,)) -> dict[str, nn.Module]:
-    """Modules of class ``types`` whose qualified name matches any pattern, in ``named_modules`` order."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    pats = _as_patterns(patterns)
-    cands = {n: m for n, m in model.named_modules() if n and isinstance(m, types)}
-    if not cands:
-        raise ValueError(f"the model has no modules of type {[t.__name__ for t in types]}")
-    for p in pats:
-        if not any(_matches(n, p) for n in cands):
-            raise ValueError(f"pattern {p!r} matches no {'/'.join(t.__name__ for t in types)} module; "
-                             f"names look like: {list(cands)[:6]}")
-    return {n: m for n, m in cands.items() if any(_matches(n, p) for p in pats)}
+select_modules = hooks_.select_modules  # one selection rule for capture and quantization
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -126,32 +98,23 @@ def capturing(model: nn.Module, patterns="*", on_input: Callable[[str, torch.Ten
     mods = select_modules(model, patterns, types)
     hooks = Hooks(names=list(mods), dedup=dedup)
 
-    def make(name):
-        def pre_hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name}: first input is {type(x).__name__}, not a tensor")
-            x = x.detach()
-            if dedup:
-                last = hooks._last
-                if last is not None and _same_tensor(x, last[1]):
-                    hooks._pass_aliases[name] = last[0]
-                    return None
-                hooks._last = (name, x)
-            if on_input is not None:
-                on_input(name, x)
-            return None
-        return pre_hook
+    def read(name, module, x):
+        x = x.detach()
+        if dedup:
+            last = hooks._last
+            if last is not None and _same_tensor(x, last[1]):
+                hooks._pass_aliases[name] = last[0]
+                return None
+            hooks._last = (name, x)
+        if on_input is not None:
+            on_input(name, x)
+        return None
 
-    handles = []
     try:
-        for name, m in mods.items():
-            handles.append(m.register_forward_pre_hook(make(name), with_kwargs=True))
-        yield hooks
-        hooks._end_pass()
+        with hooks_.input_hooks(mods, read):
+            yield hooks
+            hooks._end_pass()
     finally:
-        for h in handles:
-            h.remove()
         hooks._last = None
 
 

@@ -21,6 +21,7 @@ clamps what falls outside: Theorem 1 does not cover clipping.
 from __future__ import annotations
 
 import heapq
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +43,74 @@ def _row_bits(bits, X: torch.Tensor) -> torch.Tensor:
     s = X.shape[-2]
     b = check_bits(bits, s, device=X.device)
     return b.to(X.dtype).view(s, 1, 1)
+
+
+class Grid(NamedTuple):
+    """A per-row (per-block) uniform quantization grid, broadcastable against X viewed as
+    (..., s, n_blocks, block): the grid points are ``lo + step * q`` for integers q in
+    [qmin, qmax]. ``exact`` marks blocks with zero range (kept exactly)."""
+
+    lo: torch.Tensor
+    step: torch.Tensor
+    qmin: torch.Tensor
+    qmax: torch.Tensor
+    exact: torch.Tensor
+
+
+def _check_quant_args(X, clip_ratio, block_size):
+    X = as_sequence_tensor(X)
+    if not (isinstance(clip_ratio, (int, float)) and 0.0 < clip_ratio <= 1.0):
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}")
+    d = X.shape[-1]
+    if block_size is None:
+        block_size = d
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if d % block_size:
+        raise ValueError(f"feature dim d={d} is not a multiple of block_size={block_size}")
+    return X, block_size
+
+
+def minmax_grid(X: torch.Tensor, bits, symmetric: bool = False, clip_ratio: float = 1.0,
+                block_size: int | None = None, round_zero_point: bool = False) -> Grid:
+    """The min-max grid of every row (or block of ``block_size`` features) of ``X`` (..., s, d).
+
+    Asymmetric: ``lo = c min v``, ``step = c (max v - min v) / (2^b - 1)``, q in [0, 2^b - 1]
+    (with ``round_zero_point`` the offset is rounded to an integer multiple of the step, as integer
+    kernels do). Symmetric (restricted): ``lo = 0``, ``step = c max|v| / (2^{b-1} - 1)``,
+    q in [-(2^{b-1}-1), 2^{b-1}-1]. Shared by :func:`fake_quant` and by weight quantizers that
+    fix the grid first and round later (GPTQ)."""
+    X, B = _check_quant_args(X, clip_ratio, block_size)
+    return _grid(_blocks(X, B), _row_bits(bits, X), symmetric, clip_ratio, round_zero_point)
+
+
+def _blocks(X: torch.Tensor, B: int) -> torch.Tensor:
+    return X.unflatten(-1, (X.shape[-1] // B, B))  # (..., s, nb, B)
+
+
+def _grid(Xb, b, symmetric, clip_ratio, round_zero_point=False) -> Grid:
+    """The grid of ``Xb`` (..., s, nb, B) for float bits ``b`` broadcastable as (s, 1, 1); unchecked."""
+    if symmetric:
+        qmax = 2.0 ** (b - 1) - 1
+        amax = Xb.abs().amax(dim=-1, keepdim=True) * clip_ratio
+        exact = amax == 0
+        step = torch.where(exact, torch.ones_like(amax), amax / qmax)
+        return Grid(torch.zeros_like(step), step, -qmax, qmax, exact)
+    levels = 2.0 ** b - 1
+    lo = Xb.amin(dim=-1, keepdim=True) * clip_ratio
+    hi = Xb.amax(dim=-1, keepdim=True) * clip_ratio
+    exact = (hi - lo) <= 0
+    step = torch.where(exact, torch.ones_like(lo), (hi - lo) / levels)
+    if round_zero_point:
+        lo = -torch.round(-lo / step) * step
+    return Grid(lo, step, torch.zeros_like(levels), levels, exact)
+
+
+def round_to_grid(Xb: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Round ``Xb`` (broadcastable against the grid) to its nearest grid point, clamped to the
+    range; entries of zero-range blocks are kept (clamped to their single value when clipped)."""
+    q = torch.clamp(torch.round((Xb - grid.lo) / grid.step), grid.qmin, grid.qmax)
+    return torch.where(grid.exact, Xb, grid.lo + q * grid.step)
 
 
 def fake_quant(
@@ -68,40 +137,17 @@ def fake_quant(
     Returns:
         A tensor like ``X`` with every element on its row's (or block's) quantization grid.
     """
-    X = as_sequence_tensor(X)
-    if not (isinstance(clip_ratio, (int, float)) and 0.0 < clip_ratio <= 1.0):
-        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}")
-    d = X.shape[-1]
-    if block_size is None:
-        block_size = d
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if d % block_size:
-        raise ValueError(f"feature dim d={d} is not a multiple of block_size={block_size}")
-    b = _row_bits(bits, X)
-    Xb = X.unflatten(-1, (d // block_size, block_size))  # (..., s, nb, B)
-    if symmetric:
-        qmax = 2.0 ** (b - 1) - 1
-        amax = Xb.abs().amax(dim=-1, keepdim=True) * clip_ratio
-        step = amax / qmax
-        step = torch.where(step > 0, step, torch.ones_like(step))
-        q = torch.clamp(torch.round(Xb / step), -qmax, qmax)
-        out = q * step
-    else:
-        levels = 2.0 ** b - 1
-        lo = Xb.amin(dim=-1, keepdim=True) * clip_ratio
-        hi = Xb.amax(dim=-1, keepdim=True) * clip_ratio
-        step = (hi - lo) / levels
-        step = torch.where(step > 0, step, torch.ones_like(step))
-        if round_zero_point:
-            zp = torch.round(-lo / step)
-            q = torch.clamp(torch.round(Xb / step) + zp, torch.zeros_like(levels), levels)
-            out = (q - zp) * step
-        else:
-            q = torch.clamp(torch.round((Xb - lo) / step), torch.zeros_like(levels), levels)
-            out = lo + q * step
-        # rows with zero range are exact (hi == lo): keep them
-        out = torch.where((hi - lo) > 0, out, Xb.clamp(lo, hi) if clip_ratio < 1 else Xb)
+    X, B = _check_quant_args(X, clip_ratio, block_size)
+    return _fake_quant(X, _row_bits(bits, X), symmetric, clip_ratio, B, round_zero_point)
+
+
+def _fake_quant(X, b, symmetric=False, clip_ratio=1.0, block_size=None, round_zero_point=False):
+    """:func:`fake_quant` without validation: ``b`` float bits broadcastable as (s, 1, 1), no host syncs."""
+    Xb = _blocks(X, X.shape[-1] if block_size is None else block_size)
+    grid = _grid(Xb, b, symmetric, clip_ratio, round_zero_point)
+    out = round_to_grid(Xb, grid)
+    if clip_ratio < 1 and not symmetric:  # a zero-range block clipped to its single value
+        out = torch.where(grid.exact, grid.lo.expand_as(Xb), out)
     return out.flatten(-2)
 
 
@@ -110,9 +156,35 @@ def fake_quant_rows(X: torch.Tensor, bits, **kw) -> torch.Tensor:
     return fake_quant(X, bits, **kw)
 
 
-def stamp_fake_quant(X: torch.Tensor, T, bits, **quant_kw) -> torch.Tensor:
-    r"""STaMP in one call: :math:`\hat X = L^{-1} Q(L X)` with per-row bits on the transformed rows."""
-    return T.inverse(fake_quant(T.forward(X), bits, **quant_kw))
+def stamp_fake_quant(X: torch.Tensor, T, bits, *, feature=None, undo_feature: bool = True,
+                     LX: torch.Tensor | None = None, validate: bool = True, **quant_kw) -> torch.Tensor:
+    r"""The STaMP operator, the one implementation every caller uses:
+
+    .. math::  \hat X = L^{-1}\, Q_b(L\, X R)\, R^{-1}
+
+    Args:
+        X: (..., s, d). T: a sequence transform L (``None`` = identity) acting on dim -2.
+        bits: per-row bits of the *transformed* rows (int, or a length-s vector; see
+            :func:`fake_quant`). With ``validate=False`` it must already be a float tensor
+            broadcastable as (s, 1, 1) (the model hooks' sync-free path).
+        feature: optional feature transform R (:mod:`stamp_lib.features`); ``undo_feature=False``
+            returns :math:`L^{-1} Q(L X R)` in the rotated basis, for a layer whose weight absorbed
+            :math:`R^{-\top}` (QuaRot, SmoothQuant).
+        LX: the already computed :math:`L X R`, to skip the forward transform (e.g. when its row
+            energies were needed too).
+        quant_kw: ``symmetric``, ``clip_ratio``, ``block_size``, ``round_zero_point``.
+    """
+    if LX is None:
+        Y = X if feature is None else feature.forward(X)
+        LX = Y if T is None else T.forward(Y)
+    if validate:
+        Q = fake_quant(LX, bits, **quant_kw)
+    else:
+        Q = _fake_quant(LX, bits, **quant_kw)
+    out = Q if T is None else T.inverse(Q)
+    if feature is not None and undo_feature:
+        out = feature.inverse(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,588 @@
+r"""Quantization recipes: weights, activations (with or without STaMP), KV cache and a feature
+method, attached to any torch / transformers / diffusers model by name-pattern rules.
+
+A :class:`Recipe` is a tuple of :class:`Rule` (name pattern -> settings; the first rule that
+matches a module wins) plus an optional KV-cache setting. Every setting is a frozen dataclass,
+validated when it is built, so a bad value fails at once with a message that names it.
+
+Applying a recipe is two steps:
+
+1. :func:`prepare` (a *method* is a preparation step on calibration data): per matched linear
+   layer, the feature transform R to fold (a QuaRot-style Hadamard rotation, or SmoothQuant's
+   diagonal scale from calibration statistics) and the weight :math:`W' = Q_w(W R^{-\top})`
+   quantized in that basis (round-to-nearest, or GPTQ with the Hessian of the calibration inputs,
+   rotated with R). The result depends only on the rules' feature and weight settings, so one
+   preparation serves a recipe with and without STaMP.
+2. :func:`apply`, a context manager: swaps in the prepared weights (the original ``Parameter``
+   objects are put back on exit, so tied weights stay tied and the model is restored bit for bit),
+   and hooks every matched layer's input (:mod:`stamp_lib.hooks`) to replace it by
+   :math:`L^{-1} Q_b(L X R)` (:func:`stamp_lib.quant.stamp_fake_quant` with ``undo_feature=False``:
+   the layer's weight absorbed :math:`R^{-\top}`); with ``recipe.kv`` set, keys (after RoPE) and
+   values are fake-quantized through transformers' attention interface (:mod:`stamp_lib.kv`).
+
+Bits follow absolute positions: row i of a chunk of s tokens that starts at absolute position p
+gets ``hp_bits`` if ``p + i < hp_tokens``, else ``lp_bits``. In a full-sequence forward (p = 0)
+the first ``hp_tokens`` transformed rows get the high precision (the paper's rule); in cached
+decoding (one new token at position p) the token is quantized alone (a sequence transform of one
+token is the identity) with the bits of its position. Haar levels are capped at what a short
+sequence allows. STaMP cannot help one-token decode steps: there is no sequence to transform.
+
+Everything is fake quantization in floating point: accuracy is simulated exactly, speed and memory
+of integer kernels are not. The per-call path does no host-device synchronisation (settings are
+validated when built; bit vectors are cached per length and position on the device); non-finite
+inputs are checked on CPU tensors (free there) and on CUDA only with ``check_finite=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import features as features_
+from . import hooks, quant, transforms
+from ._checks import MAX_BITS, MIN_BITS
+
+__all__ = ["ActQuant", "WeightQuant", "Rule", "Recipe", "Prepared", "prepare", "apply", "parse_bits",
+           "FEATURE_METHODS", "WEIGHT_METHODS", "SEQUENCE_TRANSFORMS"]
+
+SEQUENCE_TRANSFORMS = ("identity", "dct", "wht", "dwt")
+FEATURE_METHODS = (None, "hadamard", "smoothquant")
+WEIGHT_METHODS = ("rtn", "gptq")
+_SPEC = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*\+\s*(\d+)\s*$")
+
+
+def _check_bits_value(b, what: str) -> int:
+    if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+        raise ValueError(f"{what} must be an int in [{MIN_BITS}, {MAX_BITS}], got {b!r}")
+    return b
+
+
+def parse_bits(bits) -> tuple[int, int, int]:
+    """``(hp_tokens, hp_bits, lp_bits)`` from an int (``4`` -> ``(0, 4, 4)``) or a spec ``"64x8+4"``
+    (the first 64 rows at 8 bits, the others at 4)."""
+    if isinstance(bits, str):
+        m = _SPEC.match(bits)
+        if m is None:
+            if bits.strip().isdigit():
+                b = _check_bits_value(int(bits), "bits")
+                return 0, b, b
+            raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}] or a spec like '64x8+4' "
+                             f"(64 rows at 8 bits, the rest at 4); got {bits!r}")
+        hp, hb, lb = (int(g) for g in m.groups())
+        return hp, _check_bits_value(hb, "high-precision bits"), _check_bits_value(lb, "low-precision bits")
+    b = _check_bits_value(bits, "bits")
+    return 0, b, b
+
+
+def _check_pos_int(v, what, allow_none=True):
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{what} must be a positive int{' or None' if allow_none else ''}, got {v!r}")
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class ActQuant:
+    """Activation (or K/V) quantization of one group of layers.
+
+    Attributes:
+        bits: int, or ``"HxB+L"`` (the first H rows at B bits, the others at L; e.g. ``"64x8+4"``).
+        transform: the sequence transform L: ``"identity"`` (plain per-token quantization),
+            ``"dct"``, ``"wht"`` (power-of-two lengths) or ``"dwt"`` (Haar).
+        levels: Haar levels (``None``: as many as the length allows); capped for short sequences.
+        grid: ``None`` (1-D along the tokens), ``(h, w)`` (2-D Haar over a token grid), or
+            ``"auto"`` (the grid set at run time by :meth:`Applied.set_grid`, e.g. from a DiT's latent).
+        symmetric, clip_ratio, block_size: see :func:`stamp_lib.quant.fake_quant` (per token, or
+            per block of ``block_size`` features).
+        block_tokens: transform and quantize consecutive blocks of this many tokens separately;
+            each block gets the bit rule on its own rows. Not causal: a token's quantization still
+            depends on the later tokens of its block.
+    """
+
+    bits: int | str = 4
+    transform: str = "identity"
+    levels: int | None = None
+    grid: tuple | str | None = None
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+    block_size: int | None = None
+    block_tokens: int | None = None
+
+    def __post_init__(self):
+        parse_bits(self.bits)
+        if self.transform not in SEQUENCE_TRANSFORMS:
+            raise ValueError(f"unknown sequence transform {self.transform!r}; choose one of {SEQUENCE_TRANSFORMS}")
+        if self.levels is not None:
+            if self.transform != "dwt":
+                raise ValueError(f"levels apply to the 'dwt' transform only, not {self.transform!r}")
+            _check_pos_int(self.levels, "levels")
+        if self.grid is not None:
+            if self.transform not in ("dwt", "identity"):
+                raise ValueError(f"a token grid applies to the 2-D 'dwt' only, not {self.transform!r}")
+            if self.grid != "auto":
+                g = tuple(self.grid) if isinstance(self.grid, (tuple, list)) else None
+                if g is None or len(g) != 2:
+                    raise ValueError(f"grid must be (h, w), 'auto' or None, got {self.grid!r}")
+                _check_pos_int(g[0], "grid height", False)
+                _check_pos_int(g[1], "grid width", False)
+                object.__setattr__(self, "grid", g)
+        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) \
+                or not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+        _check_pos_int(self.block_size, "block_size")
+        _check_pos_int(self.block_tokens, "block_tokens")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
+
+    @property
+    def hp_tokens(self) -> int:
+        return parse_bits(self.bits)[0]
+
+    def bits_vector(self, s: int, offset: int = 0) -> torch.Tensor:
+        """LongTensor (s,): the bits of rows 0..s-1 of a chunk starting at absolute position ``offset``."""
+        hp, hb, lb = parse_bits(self.bits)
+        b = torch.full((s,), lb, dtype=torch.long)
+        n = min(max(hp - offset, 0), s)
+        b[:n] = hb
+        return b
+
+    def average_bits(self, s: int) -> float:
+        """Average bits per token of a full sequence of length s (from position 0)."""
+        return quant.average_bits(self.bits_vector(s))
+
+    def knobs(self) -> dict:
+        hp, hb, lb = parse_bits(self.bits)
+        d = asdict(self)
+        d.update(hp_tokens=hp, hp_bits=hb, lp_bits=lb,
+                 granularity="per-token" if self.block_size is None else f"per-block-{self.block_size}",
+                 grid=list(self.grid) if isinstance(self.grid, tuple) else self.grid)
+        return d
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Weight fake quantization: ``method`` ``"rtn"`` (round to nearest) or ``"gptq"``; per output
+    channel, or per group of ``group_size`` input features; symmetric by default (the usual W4)."""
+
+    bits: int = 4
+    method: str = "rtn"
+    group_size: int | None = None
+    symmetric: bool = True
+    clip_ratio: float = 1.0
+    damp: float = 0.01
+    act_order: bool = False
+
+    def __post_init__(self):
+        _check_bits_value(self.bits, "weight bits")
+        if self.method not in WEIGHT_METHODS:
+            raise ValueError(f"unknown weight method {self.method!r}; choose one of {WEIGHT_METHODS}")
+        _check_pos_int(self.group_size, "group_size")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"weight clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+        if not 0.0 <= self.damp < 1.0:
+            raise ValueError(f"damp must be in [0, 1), got {self.damp!r}")
+
+    def knobs(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Settings for the linear layers whose qualified names match ``patterns`` (glob, ``re:``).
+
+    ``feature``: ``None``, ``"hadamard"`` (an orthogonal Hadamard rotation of the input features,
+    folded into the weight before it is quantized) or ``"smoothquant"`` (per-channel scales from
+    calibration, ``alpha`` the migration strength). ``act`` / ``weight``: ``None`` leaves them in
+    full precision."""
+
+    patterns: str | tuple = "*"
+    act: ActQuant | None = None
+    weight: WeightQuant | None = None
+    feature: str | None = None
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        object.__setattr__(self, "patterns", tuple(hooks.as_patterns(self.patterns)))
+        if self.act is not None and not isinstance(self.act, ActQuant):
+            raise TypeError(f"act must be an ActQuant or None, got {type(self.act).__name__}")
+        if self.weight is not None and not isinstance(self.weight, WeightQuant):
+            raise TypeError(f"weight must be a WeightQuant or None, got {type(self.weight).__name__}")
+        if self.feature not in FEATURE_METHODS:
+            raise ValueError(f"unknown feature method {self.feature!r}; choose one of {FEATURE_METHODS}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha!r}")
+
+    def prep_key(self) -> tuple:
+        return (self.patterns, self.feature, self.alpha if self.feature == "smoothquant" else None, self.weight)
+
+    def knobs(self) -> dict:
+        return {"patterns": [p if isinstance(p, str) else p.pattern for p in self.patterns],
+                "act": self.act.knobs() if self.act else None,
+                "weight": self.weight.knobs() if self.weight else None,
+                "feature": self.feature, "alpha": self.alpha if self.feature == "smoothquant" else None}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Rules (first match wins; every rule must match a module) and an optional KV setting
+    (:class:`ActQuant` applied to keys after RoPE and to values, per token and head)."""
+
+    rules: tuple = ()
+    kv: ActQuant | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        rules = (self.rules,) if isinstance(self.rules, Rule) else tuple(self.rules)
+        if not all(isinstance(r, Rule) for r in rules):
+            raise TypeError("rules must be Rule objects")
+        object.__setattr__(self, "rules", rules)
+        if self.kv is not None and not isinstance(self.kv, ActQuant):
+            raise TypeError(f"kv must be an ActQuant or None, got {type(self.kv).__name__}")
+
+    def prep_key(self) -> tuple:
+        return tuple(r.prep_key() for r in self.rules)
+
+    def needs_calibration(self) -> bool:
+        return any(r.feature == "smoothquant" or (r.weight is not None and r.weight.method == "gptq")
+                   for r in self.rules)
+
+    def knobs(self) -> dict:
+        return {"name": self.name, "rules": [r.knobs() for r in self.rules],
+                "kv": self.kv.knobs() if self.kv else None}
+
+    def resolve(self, model: nn.Module) -> dict[str, tuple[nn.Linear, Rule]]:
+        """``{name: (module, rule)}`` for every linear layer some rule matches (first rule wins)."""
+        linears = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear)}
+        out = {}
+        for r in self.rules:
+            hit = hooks.select_modules(model, r.patterns)  # raises if a pattern matches nothing
+            for n, m in hit.items():
+                out.setdefault(n, (m, r))
+        return {n: out[n] for n in linears if n in out}
+
+
+# ----------------------------------------------------------------------------- preparation
+@dataclass
+class Prepared:
+    """What :func:`prepare` computed: per layer, the feature transform and the (folded,
+    quantized) weight, plus calibration facts. Reusable for every recipe with the same ``key``."""
+
+    key: tuple
+    features: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+class _Stats:
+    """Calibration reducer: per-channel max |x| and/or the Hessian sum x^T x of selected inputs."""
+
+    def __init__(self, absmax_names, hessian_names):
+        self.absmax_names, self.hessian_names = set(absmax_names), set(hessian_names)
+        self.absmax, self.H, self.n = {}, {}, {}
+
+    def __call__(self, name, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        if name in self.absmax_names:
+            a = x2.abs().amax(0).float().cpu()
+            self.absmax[name] = torch.maximum(self.absmax[name], a) if name in self.absmax else a
+        if name in self.hessian_names:
+            xd = x2.double()
+            h = (xd.T @ xd)
+            self.H[name] = self.H[name] + h if name in self.H else h
+            self.n[name] = self.n.get(name, 0) + x2.shape[0]
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable | None = None,
+            batch_size: int = 1, progress: bool = True) -> Prepared:
+    """Run the recipe's methods on calibration data; see the module docstring.
+
+    ``calib``: what :func:`stamp_lib.capture.capture_inputs` accepts (e.g. token windows (n, s));
+    needed only for SmoothQuant or GPTQ (an error says so when it is missing). Modules that share
+    one input tensor (q/k/v, gate/up) share SmoothQuant scales, computed with the largest weight
+    magnitude over the group (as when the scale is folded into the preceding norm)."""
+    from . import capture, methods
+
+    resolved = recipe.resolve(model)
+    prep = Prepared(key=recipe.prep_key())
+    sq = [n for n, (m, r) in resolved.items() if r.feature == "smoothquant"]
+    gq = [n for n, (m, r) in resolved.items() if r.weight is not None and r.weight.method == "gptq"]
+    stats, aliases = None, {}
+    if sq or gq:
+        if calib is None:
+            raise ValueError("this recipe needs calibration data (SmoothQuant scales or GPTQ Hessians): "
+                             "pass calib=, e.g. token windows from the calibration split")
+        names = sorted(set(sq) | set(gq))
+        # dedup=False: every layer accumulates its own statistics (shared inputs give identical ones)
+        stats = _Stats(sq, gq)
+        capture.capture_inputs(model, calib, names, keep=False, reduce=stats, dedup=False, forward=forward,
+                               batch_size=batch_size, progress=progress)
+        with capture.capturing(model, names, None, dedup=True) as h:  # which layers share an input
+            h.new_pass()
+            capture._call(model, capture._batches(calib, 1)[0] if isinstance(calib, torch.Tensor)
+                          else next(iter(calib)), forward)
+        aliases = dict(h.aliases)
+        prep.info["calibration_inputs"] = int(next(iter(stats.n.values()), 0)) or None
+    # SmoothQuant groups: modules sharing an input share one Scale
+    groups: dict[str, list[str]] = {}
+    for n in sq:
+        groups.setdefault(aliases.get(n, n), []).append(n)
+    for canon, members in groups.items():
+        w_absmax = torch.stack([resolved[n][0].weight.detach().abs().amax(0).float().cpu() for n in members]).amax(0)
+        rule = resolved[members[0]][1]
+        T = methods.smoothquant_transform(stats.absmax[canon if canon in stats.absmax else members[0]],
+                                          w_absmax, alpha=rule.alpha)
+        for n in members:
+            prep.features[n] = T
+    rotations: dict[int, object] = {}
+    for n, (m, r) in resolved.items():
+        if r.feature == "hadamard":
+            d = m.in_features
+            if d not in rotations:
+                rotations[d] = methods.hadamard_rotation(d)
+            prep.features[n] = rotations[d]
+    from tqdm.auto import tqdm
+
+    for n, (m, r) in tqdm(list(resolved.items()), desc="prepare weights", disable=not progress, leave=False):
+        F = prep.features.get(n)
+        if r.weight is None and F is None:
+            continue
+        W = m.weight.detach()
+        Wf = W.double() if F is None else F.fold_weight(W.double())
+        wq = r.weight
+        if wq is None:
+            out = Wf
+        elif wq.method == "rtn":
+            out = quant.fake_quant(Wf, wq.bits, symmetric=wq.symmetric, clip_ratio=wq.clip_ratio,
+                                   block_size=wq.group_size)
+        else:
+            H = stats.H[n] / stats.n[n]
+            if isinstance(F, features_.Rotation):  # Hessian of the rotated inputs: R^T H R
+                R = F.R.to(device=H.device, dtype=torch.float64) if hasattr(F, "R") else F.matrix().double()
+                H = R.T @ H @ R
+            elif isinstance(F, features_.Scale):
+                r_ = F.r.double().to(H.device)
+                H = H * r_[:, None] * r_[None, :]
+            out = methods.gptq_quantize(Wf, H.to(Wf.device), wq.bits, group_size=wq.group_size,
+                                        symmetric=wq.symmetric, clip_ratio=wq.clip_ratio, damp=wq.damp,
+                                        act_order=wq.act_order)
+        prep.weights[n] = out.to(dtype=W.dtype, device=W.device)
+    return prep
+
+
+# ----------------------------------------------------------------------------- application
+@dataclass
+class LayerStats:
+    """Per layer, summed over calls: tokens quantized, bits spent (sum over rows of the row's bits)."""
+
+    tokens: int = 0
+    bits: int = 0
+    calls: int = 0
+
+    @property
+    def average_bits(self) -> float:
+        return self.bits / self.tokens if self.tokens else float("nan")
+
+
+class Applied:
+    """Handle yielded by :func:`apply`: ``stats`` (per layer :class:`LayerStats`, K/V as
+    ``"kv.<layer>.<kind>"``), :meth:`average_bits`, :meth:`set_grid` for ``grid="auto"`` rules."""
+
+    def __init__(self, recipe: Recipe, check_finite: bool | None):
+        self.recipe = recipe
+        self.check_finite = check_finite
+        self.offset = 0
+        self.grid: tuple[int, int] | None = None
+        self.stats: dict[str, LayerStats] = {}
+        self._bits: dict = {}
+        self._transforms: dict = {}
+        self._last = None
+
+    def set_grid(self, grid: tuple[int, int] | None) -> None:
+        """The (h, w) token grid of the current forward, for rules with ``grid="auto"``."""
+        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
+
+    def average_bits(self, kind: str = "act") -> float:
+        """Bits per token actually spent, over all calls: ``"act"`` (linear inputs) or ``"kv"``."""
+        sel = [v for k, v in self.stats.items() if k.startswith("kv.") == (kind == "kv")]
+        tok = sum(v.tokens for v in sel)
+        return sum(v.bits for v in sel) / tok if tok else float("nan")
+
+    # -- the per-call path -----------------------------------------------------------------------
+    def _bits_for(self, spec: ActQuant, s: int, offset: int, like: torch.Tensor):
+        key = (spec.bits, s, offset, like.device, like.dtype)
+        hit = self._bits.get(key)
+        if hit is None:
+            b = spec.bits_vector(s, offset)
+            if len(self._bits) > 64:
+                self._bits.clear()
+            hit = self._bits[key] = (b.to(device=like.device, dtype=like.dtype).view(s, 1, 1), int(b.sum()))
+        return hit
+
+    def _transform_for(self, spec: ActQuant, s: int):
+        grid = self.grid if spec.grid == "auto" else spec.grid
+        key = (spec.transform, spec.levels, grid, s)
+        T = self._transforms.get(key)
+        if T is None:
+            if spec.grid == "auto" and grid is None and spec.transform == "dwt" and s > 1:
+                raise ValueError("this rule has grid='auto' but no grid was set for this forward "
+                                 "(Applied.set_grid, e.g. by a pre-hook that reads the latent size)")
+            if spec.transform == "identity" or s == 1:
+                T = None
+            elif spec.transform == "dwt" and grid is not None:
+                if grid[0] * grid[1] != s:
+                    raise ValueError(f"the token grid {grid[0]}x{grid[1]} has {grid[0] * grid[1]} tokens, "
+                                     f"the input has s={s}")
+                cap = min(transforms.max_levels_1d(grid[0]), transforms.max_levels_1d(grid[1]))
+                lv = cap if spec.levels is None else min(spec.levels, cap)
+                T = transforms.build("dwt", levels=lv, grid=grid, check_finite=False) if lv > 0 else None
+            elif spec.transform == "dwt":
+                cap = transforms.max_levels_1d(s)
+                lv = cap if spec.levels is None else min(spec.levels, cap)
+                T = transforms.build("dwt", levels=lv, check_finite=False)
+            else:
+                T = transforms.build(spec.transform, check_finite=False)
+            if len(self._transforms) > 64:
+                self._transforms.clear()
+            self._transforms[key] = T
+        return T
+
+    def count(self, name: str, tokens: int, bits: int) -> None:
+        st = self.stats.setdefault(name, LayerStats())
+        st.tokens += tokens
+        st.bits += bits
+        st.calls += 1
+
+    def quantize(self, spec: ActQuant, x: torch.Tensor, offset: int, feature=None):
+        """``(out, tokens, bits)``: :math:`L^{-1} Q(L x R)` of one input (..., s, d) in the rotated
+        basis, the number of tokens quantized and the bits they were given (summed over rows)."""
+        if x.dim() < 2:
+            raise ValueError(f"expected an input (..., s, d), got shape {tuple(x.shape)}")
+        if self.check_finite or (self.check_finite is None and x.device.type == "cpu"):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"the input contains NaN/Inf ({int(torch.isnan(x).sum())} NaN, "
+                                 f"{int(torch.isinf(x).sum())} Inf)")
+        dtype = x.dtype
+        xf = x if dtype in (torch.float32, torch.float64) else x.float()
+        y = xf if feature is None else feature.forward(xf)
+        s = y.shape[-2]
+        bt = spec.block_tokens
+        if bt is not None:
+            if s % bt:
+                raise ValueError(f"sequence length {s} is not a multiple of block_tokens={bt}")
+            y = y.unflatten(-2, (s // bt, bt))
+            s = bt
+        if spec.block_size is not None and y.shape[-1] % spec.block_size:
+            raise ValueError(f"feature dim {y.shape[-1]} is not a multiple of block_size={spec.block_size}")
+        b, bsum = self._bits_for(spec, s, 0 if bt is not None else offset, y)
+        T = self._transform_for(spec, s)
+        out = quant.stamp_fake_quant(y, T, b, validate=False, symmetric=spec.symmetric,
+                                     clip_ratio=spec.clip_ratio, block_size=spec.block_size)
+        if bt is not None:
+            out = out.flatten(-3, -2)
+        n_seq = y.numel() // (y.shape[-1] * s)
+        return out.to(dtype), n_seq * s, n_seq * bsum
+
+
+def _offset_from(args, kwargs) -> int:
+    """Absolute position of the first token of this forward (0 without a cache)."""
+    cp = kwargs.get("cache_position")
+    if isinstance(cp, torch.Tensor) and cp.numel():
+        return int(cp.reshape(-1)[0])
+    pkv = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 passes "cache"
+    if pkv is not None and hasattr(pkv, "get_seq_length"):
+        try:
+            return int(pkv.get_seq_length())
+        except Exception:
+            return 0
+    return 0
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device and a._version == b._version)
+
+
+@contextlib.contextmanager
+def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, calib=None, *,
+          observe: Callable | None = None, check_finite: bool | None = None, progress: bool = True):
+    """Apply ``recipe`` to ``model`` for the duration of the block (see the module docstring).
+
+    ``prepared``: from :func:`prepare` (computed here from ``calib`` when omitted; it must have been
+    prepared for the same rules' feature and weight settings). ``observe(name, x_rotated, x_hat)``
+    sees every quantized linear input in the basis it was quantized in (for per-layer SQNR).
+    Yields an :class:`Applied`."""
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a Recipe, got {type(recipe).__name__}")
+    if prepared is None:
+        prepared = prepare(model, recipe, calib, progress=progress)
+    elif prepared.key != recipe.prep_key():
+        raise ValueError("prepared was made for other feature/weight settings than this recipe's; "
+                         "call prepare(model, recipe, calib) again")
+    resolved = recipe.resolve(model)
+    state = Applied(recipe, check_finite)
+    hooked = {n: m for n, (m, r) in resolved.items() if r.act is not None or n in prepared.features}
+
+    def on_input(name, module, x):
+        m, rule = resolved[name]
+        F = prepared.features.get(name)
+        last = state._last
+        if last is not None and last[1] is rule and last[2] is F and _same_tensor(last[0], x):
+            out, tok, bits = last[3:]  # q/k/v (gate/up) take the same tensor: quantize it once
+        elif rule.act is None:
+            out, tok, bits = F.forward(x), 0, 0
+        else:
+            out, tok, bits = state.quantize(rule.act, x, state.offset, F)
+        if rule.act is not None:
+            state.count(name, tok, bits)
+        state._last = (x, rule, F, out, tok, bits)
+        if observe is not None:
+            observe(name, x if F is None else F.forward(x), out)
+        return out
+
+    def on_model(module, args, kwargs):
+        state.offset = _offset_from(args, kwargs)
+        state._last = None
+        return None
+
+    saved = {}
+    stack = contextlib.ExitStack()
+    try:
+        with torch.no_grad():
+            for n, Wq in prepared.weights.items():
+                m = resolved[n][0]
+                saved[n] = m._parameters["weight"]
+                m._parameters["weight"] = nn.Parameter(Wq, requires_grad=False)
+        stack.enter_context(_model_pre_hook(model, on_model))
+        stack.enter_context(hooks.input_hooks(hooked, on_input))
+        if recipe.kv is not None:
+            from . import kv
+
+            def quantize_kv(layer_idx, kind, x, offset):
+                out, tok, bits = state.quantize(recipe.kv, x, offset)
+                state.count(f"kv.{layer_idx}.{kind}", tok, bits)
+                return out
+
+            stack.enter_context(kv.kv_quantization(model, quantize_kv))
+        with stack:
+            yield state
+    finally:
+        state._last = None
+        for n, p in saved.items():
+            resolved[n][0]._parameters["weight"] = p
+
+
+@contextlib.contextmanager
+def _model_pre_hook(model, fn):
+    h = model.register_forward_pre_hook(fn, with_kwargs=True)
+    try:
+        yield
+    finally:
+        h.remove()

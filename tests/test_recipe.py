@@ -1,0 +1,261 @@
+"""The model layer: recipes applied by name-pattern rules, restored exactly, equal to manual STaMP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from stamp_lib import features, hooks, quant, recipe, transforms
+from stamp_lib.recipe import ActQuant, Recipe, Rule, WeightQuant
+
+
+def tiny_llama(seed=0, layers=2, hidden=64, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=96, max_position_embeddings=512,
+                      tie_word_embeddings=tie, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+class Toy(nn.Module):
+    def __init__(self, d=16, tie=True):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+        self.b = nn.Linear(d, d, bias=False)
+        self.c = nn.Linear(d, d)
+        if tie:
+            self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x)) + self.b(x))
+
+
+IDS = torch.randint(0, 96, (2, 80), generator=torch.Generator().manual_seed(1))
+LAYERS = "model.layers.*"
+
+
+def snapshot(model):
+    return {k: (v, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def assert_restored(model, snap):
+    now = model.state_dict(keep_vars=True)
+    assert list(now) == list(snap)
+    for k, (obj, val) in snap.items():
+        assert now[k] is obj, k  # the very same Parameter object is back
+        assert torch.equal(now[k].detach(), val), k
+
+
+# ----------------------------------------------------------------------------- settings
+@pytest.mark.parametrize("bad, match", [
+    (dict(bits=17), r"\[2, 16\]"), (dict(bits=1), r"\[2, 16\]"), (dict(bits="abc"), "spec like '64x8\\+4'"),
+    (dict(bits="64x9+1"), "low-precision bits"), (dict(transform="fft"), "unknown sequence transform"),
+    (dict(levels=3), "'dwt' transform only"), (dict(transform="dwt", levels=0), "levels"),
+    (dict(clip_ratio=0), "clip_ratio"), (dict(block_size=-1), "block_size"), (dict(grid=(4,)), "grid"),
+    (dict(transform="dct", grid=(2, 2)), "2-D 'dwt'"), (dict(bits=True), "int"),
+])
+def test_act_settings_are_validated_when_built(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ActQuant(**bad)
+
+
+def test_other_settings_are_validated_when_built():
+    with pytest.raises(ValueError, match="unknown weight method"):
+        WeightQuant(method="awq")
+    with pytest.raises(ValueError, match="weight bits"):
+        WeightQuant(bits=20)
+    with pytest.raises(ValueError, match="unknown feature method"):
+        Rule("*", feature="rotate")
+    with pytest.raises(ValueError, match="alpha"):
+        Rule("*", feature="smoothquant", alpha=1.5)
+    with pytest.raises(TypeError, match="ActQuant"):
+        Rule("*", act=4)
+    with pytest.raises(TypeError, match="patterns"):
+        Rule(3)
+    with pytest.raises(ValueError, match="matches no Linear"):
+        Recipe(Rule("model.layerz.*", act=ActQuant())).resolve(tiny_llama())
+
+
+def test_settings_are_frozen_and_bits_follow_absolute_positions():
+    a = ActQuant(bits="64x8+4", transform="dwt")
+    with pytest.raises(Exception):
+        a.bits = 4  # frozen: no stale caches can follow a change
+    assert a.bits_vector(100).tolist() == [8] * 64 + [4] * 36
+    assert a.bits_vector(10).tolist() == [8] * 10  # a short prompt: every position is < 64
+    assert a.bits_vector(1, offset=63).tolist() == [8] and a.bits_vector(1, offset=64).tolist() == [4]
+    assert a.average_bits(2048) == pytest.approx(4 + 4 * 64 / 2048)
+    assert recipe.parse_bits(4) == (0, 4, 4) and recipe.parse_bits("6") == (0, 6, 6)
+
+
+# ----------------------------------------------------------------------------- equivalences
+def test_switched_off_is_identical_and_restores():
+    model = tiny_llama()
+    ref = model(IDS).logits
+    snap = snapshot(model)
+    with recipe.apply(model, Recipe(Rule(LAYERS))) as st:
+        out = model(IDS).logits
+    assert torch.equal(out, ref) and st.stats == {}
+    assert_restored(model, snap)
+
+
+def test_sixteen_bits_identity_is_close_to_plain():
+    model = tiny_llama()
+    ref = model(IDS).logits
+    r = Recipe(Rule(LAYERS, act=ActQuant(bits=16), weight=WeightQuant(bits=16)), kv=None)
+    with recipe.apply(model, r):
+        out = model(IDS).logits
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-3)
+
+
+def test_hook_equals_manual_stamp_and_weights_are_rtn():
+    model = tiny_llama(layers=1)
+    lin = model.model.layers[0].mlp.down_proj
+    spec = ActQuant(bits="16x8+4", transform="dwt", levels=3)
+    seen = {}
+
+    def grab(mod, args):
+        seen["x"] = args[0].detach().clone()
+
+    h = lin.register_forward_pre_hook(grab)
+    with torch.no_grad():
+        model(IDS)
+    h.remove()
+    x = seen["x"]
+    W = lin.weight.detach().clone()
+    got = {}
+    r = Recipe(Rule("*.mlp.down_proj", act=spec, weight=WeightQuant(bits=4)))
+    with recipe.apply(model, r) as st:
+        h = lin.register_forward_hook(lambda m, a, o: got.update(x=a[0].detach().clone(), y=o.detach().clone()))
+        with torch.no_grad():
+            model(IDS)
+        h.remove()
+    T = transforms.build("dwt", levels=3)
+    want_x = quant.stamp_fake_quant(x, T, spec.bits_vector(x.shape[-2]))
+    torch.testing.assert_close(got["x"], want_x, atol=1e-6, rtol=1e-6)
+    Wq = quant.fake_quant(W, 4, symmetric=True)
+    torch.testing.assert_close(got["y"], want_x @ Wq.T, atol=1e-5, rtol=1e-5)
+    assert st.stats["model.layers.0.mlp.down_proj"].average_bits == pytest.approx(4 + 4 * 16 / 80)
+    assert torch.equal(lin.weight, W)
+
+
+def test_quantization_happens_in_the_rotated_basis():
+    """A feature transform R: the layer sees Q(X R) and the folded weight; the output equals the
+    manual Q(X R) (W R)^T and differs from quantizing in the original basis."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32, bias=False))
+    x = torch.randn(1, 40, 32) * torch.linspace(0.1, 10, 32)  # outlier channels: rotation matters
+    R = features.Rotation(torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))[0].float())
+    spec = ActQuant(bits=4)
+    r = Recipe(Rule("0", act=spec))
+    prep = recipe.Prepared(key=r.prep_key(), features={"0": R}, weights={"0": R.fold_weight(model[0].weight.detach())})
+    with recipe.apply(model, r, prepared=prep), torch.no_grad():
+        y = model(x)
+    W = model[0].weight.detach()
+    manual = quant.fake_quant(x @ R.R, 4) @ (W @ R.R).T
+    torch.testing.assert_close(y, manual, atol=1e-5, rtol=1e-5)
+    plain = quant.fake_quant(x, 4) @ W.T
+    assert (y - plain).abs().max() > 1e-2
+    # the exact (unquantized) fold is the identity map up to rounding
+    r0 = Recipe(Rule("0"))
+    prep0 = recipe.Prepared(key=r0.prep_key(), features={"0": R}, weights={"0": R.fold_weight(W)})
+    with recipe.apply(model, r0, prepared=prep0), torch.no_grad():
+        torch.testing.assert_close(model(x), x @ W.T, atol=1e-4, rtol=1e-5)
+
+
+def test_shared_inputs_are_quantized_once_and_counted_per_layer():
+    model = tiny_llama()
+    calls = []
+    orig = recipe.Applied.quantize
+
+    def spy(self, spec, x, offset, feature=None):
+        calls.append(x.shape)
+        return orig(self, spec, x, offset, feature)
+
+    r = Recipe(Rule(LAYERS, act=ActQuant(bits="8x8+4", transform="dct")))
+    recipe.Applied.quantize = spy
+    try:
+        with recipe.apply(model, r) as st, torch.no_grad():
+            model(IDS)
+    finally:
+        recipe.Applied.quantize = orig
+    # per layer: q/k/v once, o once, gate/up once, down once
+    assert len(calls) == 4 * 2
+    assert len(st.stats) == 7 * 2
+    assert st.average_bits() == pytest.approx(4 + 4 * 8 / 80)
+
+
+# ----------------------------------------------------------------------------- restoration
+def test_tied_weights_are_restored_and_stay_tied():
+    model = Toy(tie=True)
+    snap = snapshot(model)
+    x = torch.randn(3, 10, 16)
+    with recipe.apply(model, Recipe(Rule(["a", "b"], weight=WeightQuant(bits=2)))), torch.no_grad():
+        model(x)
+        assert not torch.equal(model.a.weight, snap["a.weight"][1])
+    assert model.a.weight is model.b.weight
+    assert torch.equal(model.a.weight, snap["a.weight"][1])
+
+
+def test_restored_after_an_exception_inside():
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(KeyError):
+        with recipe.apply(model, Recipe(Rule(LAYERS, act=ActQuant(bits=4), weight=WeightQuant(bits=3)))):
+            raise KeyError("boom")
+    assert_restored(model, snap)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_errors_inside_hooks_name_the_layer():
+    model = tiny_llama(layers=1)
+    lin = model.model.layers[0].self_attn.o_proj
+    h = lin.register_forward_pre_hook(lambda m, a: (a[0] * float("nan"),))
+    try:
+        with recipe.apply(model, Recipe(Rule("*.o_proj", act=ActQuant(bits=4)))), pytest.raises(
+                ValueError, match=r"model\.layers\.0\.self_attn\.o_proj: .*NaN"):
+            model(IDS)
+    finally:
+        h.remove()
+    # WHT on a non-power-of-two length: an error naming the layer and the problem
+    with recipe.apply(model, Recipe(Rule("*.o_proj", act=ActQuant(bits=4, transform="wht")))), pytest.raises(
+            ValueError, match=r"o_proj: .*power-of-two"):
+        model(IDS[:, :40])
+
+
+def test_generate_under_a_recipe_with_short_prompts():
+    model = tiny_llama()
+    r = Recipe(Rule(LAYERS, act=ActQuant(bits="64x8+4", transform="dwt", levels=3), weight=WeightQuant(bits=4)))
+    for n in (5, 70):
+        with recipe.apply(model, r) as st, torch.no_grad():
+            out = model.generate(IDS[:1, :n], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert out.shape == (1, n + 4)
+        # positions < 64 got 8 bits, later ones 4: check the spent average on one layer
+        ls = st.stats["model.layers.0.mlp.down_proj"]
+        toks = n + 3  # prefill n, then 3 single-token steps (the 4th token needs no forward)
+        want = sum(8 if p < 64 else 4 for p in range(toks))
+        assert (ls.tokens, ls.bits) == (toks, want)
+
+
+def test_grid_auto_needs_a_grid():
+    model = nn.Sequential(nn.Linear(8, 8))
+    r = Recipe(Rule("0", act=ActQuant(bits="4x8+4", transform="dwt", grid="auto")))
+    with recipe.apply(model, r) as st:
+        with pytest.raises(ValueError, match="grid='auto'"):
+            model(torch.randn(1, 16, 8))
+        st.set_grid((4, 4))
+        y = model(torch.randn(1, 16, 8))
+        st.set_grid((2, 4))
+        with pytest.raises(ValueError, match="2x4 has 8 tokens"):
+            model(torch.randn(1, 16, 8))
+    assert y.shape == (1, 16, 8)
+
+
+def test_hooks_find_keyword_inputs():
+    lin = nn.Linear(4, 4)
+    seen = []
+    with hooks.input_hooks({"lin": lin}, lambda n, m, x: seen.append(n) or x * 0):
+        out = lin(input=torch.ones(2, 4))
+    assert seen == ["lin"] and torch.equal(out, lin.bias.expand(2, 4))
