@@ -1,0 +1,388 @@
+r"""Quantization-method primitives that STaMP is combined with (pure torch, no models).
+
+Three published methods, as small functions the model layer (recipes, hooks) calls:
+
+**Hadamard feature rotation (QuaRot: Ashkboos et al. 2024, "QuaRot: Outlier-Free 4-Bit Inference
+in Rotated LLMs").** A Hadamard matrix :math:`H \in \{\pm 1\}^{n \times n}` has
+:math:`H H^\top = n I`, so :math:`R = H / \sqrt n` (or :math:`D H / \sqrt n` with a random sign
+diagonal D) is orthogonal; a linear layer computes the same output from :math:`X R` and the folded
+weight :math:`W R` (:mod:`stamp_lib.features`), while the rotation spreads outlier features
+over all channels. Orders that are not powers of two are built as a Kronecker product
+:math:`H_n = H_m \otimes H_{2^k}` of a Paley matrix and a Sylvester (Walsh-Hadamard) matrix
+(:math:`(A \otimes B)(A \otimes B)^\top = A A^\top \otimes B B^\top = m 2^k I`):
+
+* Paley I, q prime, :math:`q \equiv 3 \pmod 4`, order :math:`q + 1`:
+  :math:`H = I + \begin{pmatrix} 0 & \mathbf 1^\top \\ -\mathbf 1 & Q \end{pmatrix}`;
+* Paley II, q prime, :math:`q \equiv 1 \pmod 4`, order :math:`2(q + 1)`: the symmetric conference
+  matrix :math:`C = \begin{pmatrix} 0 & \mathbf 1^\top \\ \mathbf 1 & Q \end{pmatrix}` with every 0
+  replaced by :math:`\left(\begin{smallmatrix} 1 & -1 \\ -1 & -1 \end{smallmatrix}\right)` and
+  every :math:`\pm 1` by :math:`\pm\left(\begin{smallmatrix} 1 & 1 \\ 1 & -1 \end{smallmatrix}\right)`;
+
+where :math:`Q_{ab} = \chi(a - b)` is the Jacobsthal matrix of the Legendre symbol
+:math:`\chi` modulo q. :math:`x H` then costs :math:`O(n (m + \log n))` per row: a dense
+:math:`m \times m` product and a fast Walsh-Hadamard transform over the :math:`2^k` factor.
+
+**SmoothQuant (Xiao et al. 2023, "SmoothQuant: Accurate and Efficient Post-Training Quantization
+for Large Language Models").** Per input channel j,
+
+.. math::  s_j = \frac{\max |X_j|^{\alpha}}{\max |W_j|^{1-\alpha}},\qquad
+           Y = (X \operatorname{diag}(s)^{-1}) (W \operatorname{diag}(s))^\top,
+
+which moves quantization difficulty from activations to weights; at :math:`\alpha = 1/2`
+both smoothed ranges equal :math:`\sqrt{\max|X_j| \max|W_j|}`.
+
+**GPTQ (Frantar et al. 2023, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers").** Quantizes the weight one input column at a time and spreads each
+column's rounding error over the columns not yet quantized, using the layer Hessian
+:math:`H = X^\top X` of the objective :math:`\lVert X W^\top - X \hat W^\top \rVert_F^2`. With
+:math:`U` the upper Cholesky factor of :math:`H^{-1}` (:math:`H^{-1} = U^\top U`), column j
+is rounded and the rest of the row updated as
+
+.. math::  \hat w_j = \operatorname{round}(w_j),\qquad e = (w_j - \hat w_j) / U_{jj},\qquad
+           w_{j:} \leftarrow w_{j:} - e\, U_{j, j:},
+
+applied in blocks of columns with lazy updates of the columns after the block (the reference
+implementation, ``gptq.py`` of IST-DASLab/gptq). Rounding uses :func:`stamp_lib.quant.round_to_grid`
+on :func:`stamp_lib.quant.minmax_grid` grids, the same grid semantics as
+:func:`stamp_lib.quant.fake_quant`; with :math:`H = I` GPTQ is exactly round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import NamedTuple
+
+import torch
+
+from .features import Rotation
+
+__all__ = [
+    "MAX_FACTOR",
+    "HadamardPlan",
+    "hadamard_plan",
+    "hadamard_orders",
+    "hadamard_matrix",
+    "HadamardRotation",
+    "hadamard_rotation",
+]
+
+
+# =============================================================================================
+# Hadamard matrices
+# =============================================================================================
+def _is_prime(q: int) -> bool:
+    if q < 2:
+        return False
+    if q % 2 == 0:
+        return q == 2
+    f = 3
+    while f * f <= q:
+        if q % f == 0:
+            return False
+        f += 2
+    return True
+
+
+def _factor_text(q: int) -> str:
+    """``"171 = 3^2*19"`` style factorization, for error messages."""
+    parts, r, f = [], q, 2
+    while f * f <= r:
+        e = 0
+        while r % f == 0:
+            r //= f
+            e += 1
+        if e:
+            parts.append(f"{f}^{e}" if e > 1 else str(f))
+        f += 1
+    if r > 1:
+        parts.append(str(r))
+    return "*".join(parts) if parts else str(q)
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+class HadamardPlan(NamedTuple):
+    """How a Hadamard matrix of order ``n`` is built: ``H_n = H_m (x) H_p`` with ``p = n // m`` a
+    power of two (Sylvester) and ``H_m`` from ``kind`` ("sylvester" when m = 1, "paley1" with
+    m = q + 1, "paley2" with m = 2 (q + 1))."""
+
+    n: int
+    m: int
+    p: int
+    kind: str
+    q: int | None
+
+
+def _paley_kind(m: int) -> tuple[str, int] | None:
+    """The Paley construction of order m with a prime q, or None."""
+    q = m - 1
+    if q % 4 == 3 and _is_prime(q):
+        return "paley1", q
+    if m % 2 == 0:
+        q = m // 2 - 1
+        if q % 4 == 1 and _is_prime(q):
+            return "paley2", q
+    return None
+
+
+MAX_FACTOR = 256
+"""Default bound on the dense factor m of :func:`hadamard_plan`: above it the Kronecker "fast" path
+is essentially a dense matmul (e.g. 11008 = 5504 x 2 with Paley I, q = 5503)."""
+
+
+@lru_cache(maxsize=256)
+def hadamard_plan(n: int, max_factor: int | None = MAX_FACTOR) -> HadamardPlan:
+    """The construction :func:`hadamard_matrix` uses for order ``n``, with the smallest Paley factor.
+
+    ``n = m * 2^k`` where m is 1 (Sylvester) or a Paley order (I: m = q + 1, q prime = 3 mod 4;
+    II: m = 2 (q + 1), q prime = 1 mod 4), ``m <= max_factor`` (None: no bound). Raises
+    ``ValueError`` naming n, every factorization tried and why it failed, and what to do instead."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the order n must be a positive int, got {n!r}")
+    if max_factor is not None and (not isinstance(max_factor, int) or max_factor < 1):
+        raise ValueError(f"max_factor must be a positive int or None, got {max_factor!r}")
+    if _is_pow2(n):
+        return HadamardPlan(n, 1, n, "sylvester", None)
+    if n % 4:
+        raise ValueError(
+            f"no Hadamard matrix of order n={n} exists: orders other than 1 and 2 are multiples of 4. "
+            "Use a block-diagonal rotation (a Hadamard of a power of two dividing n on each block), "
+            "pad the features to a multiple of a supported order, or a random orthogonal matrix "
+            "(features.Rotation(torch.linalg.qr(torch.randn(n, n)).Q))."
+        )
+    odd, a = n, 0
+    while odd % 2 == 0:
+        odd //= 2
+        a += 1
+    tried = []
+    for j in range(a + 1):
+        m = odd << j
+        found = _paley_kind(m)
+        if found is not None:
+            kind, q = found
+            if max_factor is None or m <= max_factor:
+                return HadamardPlan(n, m, n // m, kind, q)
+            tried.append(f"{n} = {m} x {n // m}: {kind} with q={q} exists, but m={m} > max_factor="
+                         f"{max_factor} (its 'fast' path is a dense {m} x {m} product; pass "
+                         "max_factor=None to use it anyway)")
+            break
+        why = [f"Paley I needs q={m - 1} prime = 3 mod 4 (q = {_factor_text(m - 1)}, {(m - 1) % 4} mod 4)"]
+        if m % 2 == 0:
+            q2 = m // 2 - 1
+            why.append(f"Paley II needs q={q2} prime = 1 mod 4 (q = {_factor_text(q2)}, {q2 % 4} mod 4)")
+        else:
+            why.append("Paley II needs an even order")
+        tried.append(f"{n} = {m} x {n // m}: " + "; ".join(why))
+    raise ValueError(
+        f"no Hadamard matrix of order n={n} from the constructions available here (a Paley matrix "
+        "with a prime q, Kronecker a Sylvester power of two). Tried:\n  " + "\n  ".join(tried)
+        + "\nOrders such as 172 exist (Williamson constructions, Sloane's library, used by QuaRot's "
+        "hard-coded tables) but are not built here. Instead use a block-diagonal Hadamard over a "
+        "supported divisor of n, pad the features, or a random orthogonal matrix "
+        "(features.Rotation(torch.linalg.qr(torch.randn(n, n, dtype=torch.float64)).Q)); "
+        "see hadamard_orders() for the available orders."
+    )
+
+
+def hadamard_orders(limit: int, max_factor: int | None = MAX_FACTOR) -> list[int]:
+    """All orders ``n <= limit`` for which :func:`hadamard_matrix` has a construction."""
+    out = []
+    for n in range(1, limit + 1):
+        try:
+            hadamard_plan(n, max_factor)
+        except ValueError:
+            continue
+        out.append(n)
+    return out
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q_ab = chi(a - b) mod q (Legendre symbol), int64."""
+    chi = torch.full((q,), -1, dtype=torch.int64)
+    chi[0] = 0
+    r = torch.arange(1, q, dtype=torch.int64)
+    chi[(r * r) % q] = 1
+    i = torch.arange(q)
+    return chi[(i[:, None] - i[None, :]) % q]
+
+
+@lru_cache(maxsize=32)
+def _paley(kind: str, q: int) -> torch.Tensor:
+    Q = _jacobsthal(q)
+    k = q + 1
+    C = torch.zeros(k, k, dtype=torch.int64)
+    C[1:, 1:] = Q
+    C[0, 1:] = 1
+    if kind == "paley1":
+        C[1:, 0] = -1
+        return torch.eye(k, dtype=torch.int64) + C
+    C[1:, 0] = 1
+    plus = torch.tensor([[1, 1], [1, -1]])
+    zero = torch.tensor([[1, -1], [-1, -1]])
+    return torch.kron(C, plus) + torch.kron(torch.eye(k, dtype=torch.int64), zero)
+
+
+@lru_cache(maxsize=32)
+def _sylvester_int(p: int) -> torch.Tensor:
+    H = torch.ones(1, 1, dtype=torch.int64)
+    while H.shape[0] < p:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H
+
+
+def _small_factor(plan: HadamardPlan) -> torch.Tensor:
+    """The m x m factor (int64); [[1]] for a power of two."""
+    if plan.kind == "sylvester":
+        return torch.ones(1, 1, dtype=torch.int64)
+    return _paley(plan.kind, plan.q)
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, device=None, *,
+                    max_factor: int | None = MAX_FACTOR) -> torch.Tensor:
+    """A Hadamard matrix of order ``n``: entries +-1 and ``H @ H.T == n * I`` (exactly, in integers).
+
+    Built as ``kron(H_m, H_p)`` per :func:`hadamard_plan` (Paley I/II with a prime q for m,
+    Sylvester for the power of two p; Sylvester order, H_2 = [[1, 1], [1, -1]]). Not symmetric when
+    m > 1. ``dtype`` may be floating or integer (int8 keeps a 14336^2 matrix at 205 MB). Raises
+    ``ValueError`` for orders without a construction (see :func:`hadamard_plan`)."""
+    return _matrix_from_plan(hadamard_plan(n, max_factor), dtype, device)
+
+
+def _matrix_from_plan(plan: HadamardPlan, dtype: torch.dtype, device) -> torch.Tensor:
+    A = _small_factor(plan).to(dtype=dtype, device=device)
+    B = _sylvester_int(plan.p).to(dtype=dtype, device=device)
+    return torch.kron(A, B) if plan.m > 1 else B
+
+
+# ---------------------------------------------------------------------------------------------
+# fast path: x (..., m * p) -> contract the m axis with a dense factor, the p axis by radix-16
+# Walsh-Hadamard stages (small Sylvester matmuls)
+# ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def _sylvester_small(r: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return _sylvester_int(r).to(dtype=dtype, device=device)
+
+
+def _kron_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """``y[..., a_1, ..., a_J] = sum_j F_1[a_1, j_1] ... F_J[a_J, j_J] x[..., j_1, ..., j_J]``
+    over the last dim of x viewed as (r_1, ..., r_J): i.e. ``x @ kron(F_1, ..., F_J).T``."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    y = x.reshape(-1, n)
+    N = y.shape[0]
+    pre = 1
+    for F in factors:
+        r = F.shape[0]
+        post = n // (pre * r)
+        y = torch.matmul(F, y.reshape(N * pre, r, post))
+        pre *= r
+    return y.reshape(*lead, n)
+
+
+def _pow2_radices(p: int) -> list[int]:
+    k = p.bit_length() - 1
+    out = []
+    while k > 0:
+        r = min(4, k)
+        out.append(1 << r)
+        k -= r
+    return out
+
+
+class HadamardRotation(Rotation):
+    r"""QuaRot-style feature rotation :math:`R = D H / \sqrt n` (:class:`features.Rotation`).
+
+    ``H = kron(H_m, H_p)`` from :func:`hadamard_matrix`; ``D = diag(signs)`` with random signs
+    drawn from ``seed`` (``seed=None``: no signs, D = I). ``forward(x) = x R``,
+    ``inverse(y) = y R^T`` and ``fold_weight(W) = W R`` (= ``W R^{-T}``) use the fast Kronecker
+    path, O(n (m + log n)) per row, computed in float32 for half-precision inputs and in the
+    input's dtype otherwise. ``R`` (and ``matrix()``) is the dense float64 twin, built on first
+    use; ``forward_dense``/``inverse_dense``/``fold_weight_dense`` use it."""
+
+    def __init__(self, n: int, seed: int | None = None, name: str | None = None, *,
+                 max_factor: int | None = MAX_FACTOR):
+        self.plan = hadamard_plan(n, max_factor)
+        self.d = n
+        self.name = name or (f"hadamard{n}" if seed is None else f"hadamard{n}-s{seed}")
+        self.seed = seed
+        if seed is None:
+            self.signs = None
+        else:
+            g = torch.Generator().manual_seed(int(seed))
+            self.signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+        self._A = _small_factor(self.plan).to(torch.float64)
+        self._dense = None
+        self._cache: dict = {}
+
+    # the dense twin ----------------------------------------------------------------------
+    @property
+    def R(self) -> torch.Tensor:  # noqa: N802 - the name of features.Rotation's matrix
+        if self._dense is None:
+            H = _matrix_from_plan(self.plan, torch.float64, None) / math.sqrt(self.d)
+            self._dense = H if self.signs is None else self.signs[:, None] * H
+        return self._dense
+
+    def matrix(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+        """The dense n x n matrix R (built independently of the fast path)."""
+        return self.R.to(dtype=dtype, device=device)
+
+    def forward_dense(self, x):
+        return Rotation.forward(self, x)
+
+    def inverse_dense(self, y):
+        return Rotation.inverse(self, y)
+
+    def fold_weight_dense(self, W):
+        return Rotation.fold_weight(self, W)
+
+    # the fast path -----------------------------------------------------------------------
+    def _factors(self, dtype, device, transpose: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        key = (dtype, str(device), transpose)
+        if key not in self._cache:
+            fs = [_sylvester_small(r, dtype, str(device)) for r in _pow2_radices(self.plan.p)]
+            if self.plan.m > 1:
+                A = self._A if transpose else self._A.T  # x H contracts with A^T, x H^T with A
+                fs.insert(0, A.to(dtype=dtype, device=device).contiguous())
+            signs = None if self.signs is None else self.signs.to(dtype=dtype, device=device)
+            self._cache[key] = (fs, signs)
+        return self._cache[key]
+
+    def _apply(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        out_dtype = x.dtype
+        if not x.is_floating_point():
+            raise TypeError(f"{self.name}: expected a floating tensor, got {x.dtype}")
+        work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        y = x.to(work)
+        fs, signs = self._factors(work, x.device, transpose)
+        if signs is not None and not transpose:
+            y = y * signs
+        y = _kron_apply(y, fs) * (1.0 / math.sqrt(self.d))
+        if signs is not None and transpose:
+            y = y * signs
+        return y.to(out_dtype)
+
+    def forward(self, x):
+        self._check(x)
+        return self._apply(x, transpose=False)
+
+    def inverse(self, y):
+        self._check(y, "y")
+        return self._apply(y, transpose=True)
+
+    def fold_weight(self, W):
+        self._check(W, "W")
+        return self._apply(W, transpose=False)
+
+    def __repr__(self) -> str:
+        p = self.plan
+        return f"HadamardRotation(n={p.n} = {p.m} x {p.p} [{p.kind}], seed={self.seed})"
+
+
+def hadamard_rotation(n: int, seed: int | None = None, name: str | None = None, *,
+                      max_factor: int | None = MAX_FACTOR) -> HadamardRotation:
+    """The orthogonal rotation ``R = D H_n / sqrt(n)`` as a :class:`HadamardRotation`
+    (``seed=None``: no random signs). Raises ``ValueError`` for orders without a construction."""
+    return HadamardRotation(n, seed=seed, name=name, max_factor=max_factor)
