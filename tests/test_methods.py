@@ -3,6 +3,7 @@ integer arithmetic, NumPy, round-to-nearest and a naive (unblocked, explicit-inv
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,3 +175,86 @@ def test_orders_without_construction_raise_clear_errors():
         R.forward(torch.randn(3, 16))
     with pytest.raises(TypeError, match="floating"):
         R.forward(torch.ones(3, 12, dtype=torch.long))
+
+
+# =============================================================================================
+# SmoothQuant
+# =============================================================================================
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 0.85, 1.0])
+def test_smoothquant_scales_match_numpy(alpha):
+    rng = np.random.default_rng(0)
+    a = np.abs(rng.standard_cauchy(64))
+    w = np.abs(rng.normal(size=64)) * 0.1
+    a[3], w[5], a[7], w[9] = 0.0, 0.0, 1e-9, 1e-8  # a dead channel, an empty weight column, tiny values
+    s = methods.smoothquant_scales(torch.tensor(a), torch.tensor(w, dtype=torch.float32), alpha)
+    eps = 1e-5
+    w32 = w.astype(np.float32).astype(np.float64)  # the value the float32 tensor holds
+    ref = np.maximum(a, eps) ** alpha / np.maximum(w32, eps) ** (1 - alpha)
+    ref[(a == 0) | (w == 0)] = 1.0
+    assert s.dtype == torch.float64 and s.shape == (64,)
+    np.testing.assert_allclose(s.numpy(), ref, rtol=1e-12)
+    assert bool(torch.isfinite(s).all()) and bool((s > 0).all())
+    assert s[3] == 1 and s[5] == 1
+
+
+def _outlier_activations(n=512, d=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, [2, 17, 30]] *= 40.0  # outlier channels, as in LLM activations
+    W = torch.randn(24, d, generator=g, dtype=torch.float64) * 0.05
+    return X, W
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
+def test_smoothquant_equalizes_ranges(alpha):
+    X, W = _outlier_activations()
+    W2 = torch.randn(10, X.shape[1], dtype=torch.float64)
+    a = X.abs().amax(0)
+    w = methods.weight_input_absmax(W, W2)
+    torch.testing.assert_close(w, torch.cat([W, W2]).abs().amax(0))
+    T = methods.smoothquant_transform(a, w, alpha)
+    assert isinstance(T, features.Scale)
+    Xs, Ws, W2s = T.forward(X), T.fold_weight(W), T.fold_weight(W2)
+    # the layer is unchanged
+    torch.testing.assert_close(Xs @ Ws.T, X @ W.T)
+    xmax = Xs.abs().amax(0)
+    wmax = torch.cat([Ws, W2s]).abs().amax(0)
+    # max_i |X_ij / s_j| = (a_j w_j)^(1 - alpha) and max_i |W_ij s_j| = (a_j w_j)^alpha
+    torch.testing.assert_close(xmax, (a * w) ** (1 - alpha))
+    torch.testing.assert_close(wmax, (a * w) ** alpha)
+    if alpha == 0.5:
+        torch.testing.assert_close(xmax, wmax)
+    # smoothing shrinks the activation outliers
+    assert float(xmax.max() / xmax.median()) < float(a.max() / a.median())
+
+
+def test_smoothquant_bad_inputs():
+    a = torch.rand(8) + 0.1
+    w = torch.rand(8) + 0.1
+    bad = a.clone()
+    bad[2] = -1.0
+    with pytest.raises(ValueError, match="act_absmax must be non-negative"):
+        methods.smoothquant_scales(bad, w)
+    bad[2] = float("nan")
+    with pytest.raises(ValueError, match=r"weight_absmax contains non-finite values \(1 NaN"):
+        methods.smoothquant_scales(a, bad)
+    bad[2] = float("inf")
+    with pytest.raises(ValueError, match="Inf"):
+        methods.smoothquant_scales(bad, w)
+    with pytest.raises(ValueError, match="8 channels but weight_absmax has 9"):
+        methods.smoothquant_scales(a, torch.rand(9))
+    with pytest.raises(ValueError, match="1-D"):
+        methods.smoothquant_scales(a.view(2, 4), w)
+    with pytest.raises(ValueError, match="1-D"):
+        methods.smoothquant_scales(torch.zeros(0), torch.zeros(0))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        methods.smoothquant_scales([1.0, 2.0], w)
+    for alpha in (-0.1, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="alpha"):
+            methods.smoothquant_scales(a, w, alpha)
+    with pytest.raises(ValueError, match="eps"):
+        methods.smoothquant_scales(a, w, eps=0.0)
+    with pytest.raises(ValueError, match="weight 1 has 5 input features"):
+        methods.weight_input_absmax(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="at least one"):
+        methods.weight_input_absmax()
