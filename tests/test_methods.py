@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stamp_lib import features, methods
+from stamp_lib import features, methods, quant
 
 MODEL_SIZES = [576, 640, 1536, 2048, 3072, 4096, 8192, 14336]  # SmolLM2, Gemma-3-270M, Llama-3
 
@@ -258,3 +258,242 @@ def test_smoothquant_bad_inputs():
         methods.weight_input_absmax(torch.randn(3, 4), torch.randn(3, 5))
     with pytest.raises(ValueError, match="at least one"):
         methods.weight_input_absmax()
+
+
+# =============================================================================================
+# GPTQ
+# =============================================================================================
+def _correlated(n, d, seed):
+    """Inputs X = Z A: a random mixing A makes H = X^T X far from diagonal (calibration and
+    held-out sets share A)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    A += 0.3 * torch.eye(d, dtype=torch.float64)
+    Z = torch.randn(2 * n, d, generator=g, dtype=torch.float64)
+    X = Z @ A
+    return X[:n], X[n:]
+
+
+def _output_error(X, W, Wq):
+    return float(((X @ (W - Wq).T) ** 2).sum())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [None, 16, 32])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_identity_hessian_is_round_to_nearest(symmetric, group_size, bits):
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(24, 64, generator=g, dtype=torch.float64)
+    W[3] = 0.5  # a constant row (zero range: kept)
+    ref = quant.fake_quant(W, bits, symmetric=symmetric, block_size=group_size)
+    eye = torch.eye(64, dtype=torch.float64)
+    for kw in (dict(damp=0.0), dict(damp=0.01), dict(damp=0.0, block_size=5), dict(act_order=True),
+               dict(static_groups=True)):
+        Q = methods.gptq_quantize(W, eye, bits, group_size=group_size, symmetric=symmetric, **kw)
+        torch.testing.assert_close(Q, ref, rtol=0, atol=1e-12, msg=f"{kw}")
+
+
+def test_identity_hessian_is_round_to_nearest_clip_and_row_bits():
+    W = torch.randn(16, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    W[5] = -0.25
+    eye = torch.eye(32, dtype=torch.float64)
+    bits = torch.arange(16) % 3 + 2
+    for sym in (True, False):
+        ref = quant.fake_quant(W, bits, symmetric=sym, clip_ratio=0.8, block_size=8)
+        Q = methods.gptq_quantize(W, eye, bits, symmetric=sym, clip_ratio=0.8, group_size=8, damp=0.0)
+        torch.testing.assert_close(Q, ref, rtol=0, atol=1e-12)
+
+
+def _naive_gptq(W, H, bits, symmetric, damp):
+    """Column-by-column optimal brain quantization with the explicit inverse Hessian of the
+    remaining columns (Frantar et al. 2022/2023, eq. for OBQ), per-row grid of the original W."""
+    W = W.clone()
+    H = H.clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    Hinv = torch.linalg.inv(H)
+    grid = quant.minmax_grid(W, bits, symmetric)
+    Q = torch.zeros_like(W)
+    for j in range(W.shape[1]):
+        q = quant.round_to_grid(W[:, j].view(-1, 1, 1), grid).view(-1)
+        Q[:, j] = q
+        d = Hinv[j, j]
+        W[:, j:] -= ((W[:, j] - q) / d)[:, None] * Hinv[j, j:][None, :]
+        Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / d  # eliminate column j
+    return Q
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matches_naive_obq_with_explicit_inverse(symmetric):
+    X, _ = _correlated(512, 48, seed=3)
+    W = torch.randn(20, 48, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    H = X.T @ X
+    ref = _naive_gptq(W, H, 4, symmetric, damp=0.01)
+    for bs in (128, 16, 1):
+        Q = methods.gptq_quantize(W, H, 4, symmetric=symmetric, damp=0.01, block_size=bs)
+        torch.testing.assert_close(Q, ref, rtol=0, atol=1e-9, msg=f"block_size={bs}")
+    assert not torch.allclose(ref, quant.fake_quant(W, 4, symmetric=symmetric))
+
+
+GPTQ_CASES = [  # (out, in, bits, symmetric, group_size, act_order)
+    (64, 128, 4, True, None, False),
+    (64, 128, 3, False, None, True),
+    (48, 96, 4, False, 32, False),
+    (32, 256, 3, True, 64, True),
+]
+
+
+@pytest.mark.parametrize("out_f,in_f,bits,symmetric,group_size,act_order", GPTQ_CASES)
+def test_gptq_beats_rtn_on_held_out_correlated_inputs(out_f, in_f, bits, symmetric, group_size, act_order):
+    Xc, Xt = _correlated(8 * in_f, in_f, seed=in_f)
+    W = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(out_f), dtype=torch.float64)
+    acc = methods.hessian_accumulator(in_f)
+    for chunk in Xc.split(300):
+        acc.add(chunk)
+    Q = methods.gptq_quantize(W, acc.H, bits, symmetric=symmetric, group_size=group_size, act_order=act_order)
+    rtn = quant.fake_quant(W, bits, symmetric=symmetric, block_size=group_size)
+    ratio = _output_error(Xt, W, Q) / _output_error(Xt, W, rtn)
+    print(f"GPTQ/RTN held-out output error: W {out_f}x{in_f}, {bits} bits, sym={symmetric}, "
+          f"group={group_size}, act_order={act_order}: {ratio:.3f}")
+    assert ratio < 0.75
+    # float32 arithmetic gives the same quality
+    Q32 = methods.gptq_quantize(W.float(), acc.H, bits, symmetric=symmetric, group_size=group_size,
+                                act_order=act_order, compute_dtype=torch.float32)
+    assert Q32.dtype == torch.float32
+    assert _output_error(Xt, W, Q32.double()) / _output_error(Xt, W, rtn) < 0.75
+
+
+def _assert_on_grid(Q, grid, group):
+    Qb = Q.unflatten(-1, (Q.shape[-1] // group, group))
+    k = (Qb - grid.lo) / grid.step
+    k = torch.where(grid.exact, torch.zeros_like(k), k)
+    torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-6)
+    assert bool(((k.round() >= grid.qmin) & (k.round() <= grid.qmax)).all())
+    torch.testing.assert_close(quant.round_to_grid(Qb, grid), Qb, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_every_value_on_the_rtn_grid_of_its_row(symmetric, act_order):
+    X, _ = _correlated(600, 64, seed=5)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    Q, grid = methods.gptq_quantize(W, X.T @ X, 3, symmetric=symmetric, act_order=act_order, return_grid=True)
+    rtn_grid = quant.minmax_grid(W, 3, symmetric)
+    for a, b in zip(grid, rtn_grid):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_on_grid(Q, rtn_grid, 64)
+    assert not torch.allclose(Q, quant.fake_quant(W, 3, symmetric=symmetric))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_group_grids_come_from_updated_weights(symmetric):
+    X, _ = _correlated(600, 96, seed=6)
+    W = torch.randn(16, 96, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    H = X.T @ X
+    Q, grid = methods.gptq_quantize(W, H, 4, symmetric=symmetric, group_size=32, return_grid=True)
+    _assert_on_grid(Q, grid, 32)
+    static = quant.minmax_grid(W, 4, symmetric, block_size=32)
+    # the first group sees the original weights; later groups see the updated ones
+    torch.testing.assert_close(grid.step[:, :1], static.step[:, :1], rtol=0, atol=0)
+    assert not torch.allclose(grid.step[:, 1:], static.step[:, 1:])
+    # the block size only moves rounding: same result with blocks of 5 (shrunk to 4) and 48 (-> 32)
+    for bs in (5, 48, 200):
+        Qb = methods.gptq_quantize(W, H, 4, symmetric=symmetric, group_size=32, block_size=bs)
+        torch.testing.assert_close(Qb, Q, rtol=0, atol=1e-9)
+    # act_order with groups: static groups from the original W
+    Qa, grid_a = methods.gptq_quantize(W, H, 4, symmetric=symmetric, group_size=32, act_order=True,
+                                       return_grid=True)
+    for a, b in zip(grid_a, static):
+        torch.testing.assert_close(a.expand_as(b) if a.shape != b.shape else a, b, rtol=0, atol=0)
+    _assert_on_grid(Qa, static, 32)
+
+
+def test_dead_inputs():
+    X, _ = _correlated(400, 40, seed=8)
+    j = 11
+    X[:, j] = 0.0  # an input that is always zero
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    W[:, j] = 0.1 * torch.randn(12, generator=g, dtype=torch.float64)
+    keep = [k for k in range(40) if k != j]
+    assert bool((W[:, j] < W[:, keep].amax(1)).all() and (W[:, j] > W[:, keep].amin(1)).all())
+    H = X.T @ X
+    Q = methods.gptq_quantize(W, H, 4, damp=0.0, block_size=16)
+    # the other columns are GPTQ of the problem without input j (same row grids)
+    Qr = methods.gptq_quantize(W[:, keep], H[keep][:, keep], 4, damp=0.0, block_size=16)
+    torch.testing.assert_close(Q[:, keep], Qr, rtol=0, atol=1e-9)
+    # the dead column is the weight zeroed, then rounded on the row grid
+    grid = quant.minmax_grid(W, 4, True)
+    zero_on_grid = quant.round_to_grid(torch.zeros(12, 1, 1, dtype=torch.float64), grid).view(12)
+    torch.testing.assert_close(Q[:, j], zero_on_grid)
+
+
+def test_dtypes_and_devices_of_the_result():
+    X, _ = _correlated(300, 32, seed=1)
+    H = (X.T @ X).float()
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        W = torch.randn(8, 32).to(dt)
+        Q = methods.gptq_quantize(W, H, 4)
+        assert Q.dtype == dt and Q.shape == W.shape and Q.device == W.device
+
+
+def test_gptq_bad_inputs():
+    W = torch.randn(8, 32, dtype=torch.float64)
+    H = torch.eye(32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="W must be a floating"):
+        methods.gptq_quantize(W[0], H)
+    with pytest.raises(ValueError, match="W must be a floating"):
+        methods.gptq_quantize(W.long(), H)
+    with pytest.raises(ValueError, match=r"H must be an \(in, in\) = \(32, 32\)"):
+        methods.gptq_quantize(W, torch.eye(31))
+    Wn = W.clone()
+    Wn[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="W contains non-finite"):
+        methods.gptq_quantize(Wn, H)
+    with pytest.raises(ValueError, match="not a multiple of group_size=5"):
+        methods.gptq_quantize(W, H, group_size=5)
+    Ha = H.clone()
+    Ha[0, 1] = 0.5
+    with pytest.raises(ValueError, match="not symmetric"):
+        methods.gptq_quantize(W, Ha)
+    with pytest.raises(ValueError, match="damp"):
+        methods.gptq_quantize(W, H, damp=-0.1)
+    with pytest.raises(ValueError, match="block_size"):
+        methods.gptq_quantize(W, H, block_size=0)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        methods.gptq_quantize(W, H, compute_dtype=torch.float16)
+    with pytest.raises(ValueError, match="bits must be in"):
+        methods.gptq_quantize(W, H, bits=1)
+    indefinite = 2 * torch.ones(32, 32, dtype=torch.float64) - H  # diagonal 1, eigenvalues 63 and -1
+    with pytest.raises(ValueError, match="not positive definite.*increase damp"):
+        methods.gptq_quantize(W, indefinite, damp=0.0)
+
+
+# =============================================================================================
+# Hessian accumulator
+# =============================================================================================
+def test_hessian_accumulator_matches_concatenated_gram():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(2, 5, 16, generator=g), torch.randn(7, 16, generator=g),
+             torch.randn(3, 1, 4, 16, generator=g)]
+    acc = methods.HessianAccumulator()
+    for p in parts:
+        acc.add(p)
+    X = torch.cat([p.reshape(-1, 16) for p in parts]).double()
+    assert acc.count == X.shape[0] == 29
+    assert acc.H.dtype == torch.float64
+    torch.testing.assert_close(acc.H, X.T @ X / 29)
+    assert methods.hessian_accumulator is methods.HessianAccumulator
+
+
+def test_hessian_accumulator_errors():
+    acc = methods.hessian_accumulator(8)
+    with pytest.raises(ValueError, match="no samples"):
+        acc.H
+    with pytest.raises(ValueError, match="6 features, the accumulator has d=8"):
+        acc.add(torch.randn(3, 6))
+    with pytest.raises(ValueError, match="floating"):
+        acc.add(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-finite"):
+        acc.add(torch.full((2, 8), float("inf")))
+    with pytest.raises(ValueError, match="positive int"):
+        methods.HessianAccumulator(0)
