@@ -55,11 +55,6 @@ select_modules = hooks_.select_modules  # one selection rule for capture and qua
 
 
 # ----------------------------------------------------------------------------- hooks
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype and a.device == b.device and a._version == b._version)
-
-
 @dataclass
 class Hooks:
     """Handle yielded by :func:`capturing`."""
@@ -102,7 +97,7 @@ def capturing(model: nn.Module, patterns="*", on_input: Callable[[str, torch.Ten
         x = x.detach()
         if dedup:
             last = hooks._last
-            if last is not None and _same_tensor(x, last[1]):
+            if last is not None and hooks_.same_tensor(x, last[1]):
                 hooks._pass_aliases[name] = last[0]
                 return None
             hooks._last = (name, x)

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["select_modules", "matches", "input_hooks", "HookError", "find_input"]
+__all__ = ["select_modules", "matches", "input_hooks", "HookError", "find_input", "same_tensor"]
 
 _INPUT_KEYS = ("input", "hidden_states", "x")
 
@@ -80,6 +80,13 @@ def select_modules(model: nn.Module, patterns="*", types=(nn.Linear,)) -> dict[s
         if not any(matches(n, p) for n in cands):
             raise ValueError(f"pattern {p!r} matches no {kinds} module; names look like: {list(cands)[:6]}")
     return {n: m for n, m in cands.items() if matches(n, pats)}
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exactly the same tensor still alive and unmodified (storage, shape, strides, dtype, device,
+    version counter): how modules fed one input (q/k/v, gate/up) are recognised, never by value."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device and a._version == b._version)
 
 
 def find_input(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:

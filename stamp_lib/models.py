@@ -282,11 +282,13 @@ def _ready(model):
     return model
 
 
-def load_folder(folder: str | os.PathLike, dtype=torch.float32):
-    """``(model, tokenizer)`` from a local/offline Hugging Face checkpoint."""
+def load_folder(folder: str | os.PathLike, dtype=torch.float32, device_map=None):
+    """``(model, tokenizer)`` from a local/offline Hugging Face checkpoint (``device_map`` as in
+    ``from_pretrained``, e.g. ``"auto"`` to spread a large model over the GPUs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    kw = {} if device_map is None else {"device_map": device_map}
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kw)
     tok = AutoTokenizer.from_pretrained(str(folder))
     return _ready(model), tok
 
@@ -308,7 +310,7 @@ def load_gemma3_270m(dtype=torch.float32):
 ALIASES = {"smollm2-135m": load_smollm2, "smollm2": load_smollm2, "gemma3-270m": load_gemma3_270m}
 
 
-def load_causal_lm(name_or_path: str, dtype=torch.float32):
+def load_causal_lm(name_or_path: str, dtype=torch.float32, device_map=None):
     """``(model, tokenizer)`` for "smollm2-135m", "gemma3-270m", a local HF folder, or a Hub id that is
     already in the local Hugging Face cache (e.g. ``meta-llama/Llama-3.2-1B-Instruct`` on a machine
     that has it). Nothing is downloaded while ``HF_HUB_OFFLINE=1``."""
@@ -318,7 +320,7 @@ def load_causal_lm(name_or_path: str, dtype=torch.float32):
     if key in ALIASES:
         return ALIASES[key](dtype)
     try:
-        return load_folder(name_or_path, dtype)
+        return load_folder(name_or_path, dtype, device_map)
     except (OSError, ValueError) as e:
         raise ModelNotAvailable(
             f"cannot load {name_or_path!r} offline (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')}): {e}\n"

@@ -44,7 +44,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import features as features_
 from . import hooks, quant, transforms
 from ._checks import MAX_BITS, MIN_BITS
 
@@ -281,22 +280,22 @@ class Prepared:
 
 
 class _Stats:
-    """Calibration reducer: per-channel max |x| and/or the Hessian sum x^T x of selected inputs."""
+    """Calibration reducer: per-channel max |x| (SmoothQuant) and GPTQ Hessians of selected inputs.
+    Layers that share one input tensor accumulate once (capture dedup) and read their group's."""
 
     def __init__(self, absmax_names, hessian_names):
+        from .methods import HessianAccumulator
+
         self.absmax_names, self.hessian_names = set(absmax_names), set(hessian_names)
-        self.absmax, self.H, self.n = {}, {}, {}
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.H = {n: HessianAccumulator() for n in self.hessian_names}
 
     def __call__(self, name, x):
-        x2 = x.reshape(-1, x.shape[-1])
         if name in self.absmax_names:
-            a = x2.abs().amax(0).float().cpu()
+            a = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).double().cpu()
             self.absmax[name] = torch.maximum(self.absmax[name], a) if name in self.absmax else a
         if name in self.hessian_names:
-            xd = x2.double()
-            h = (xd.T @ xd)
-            self.H[name] = self.H[name] + h if name in self.H else h
-            self.n[name] = self.n.get(name, 0) + x2.shape[0]
+            self.H[name].add(x)
 
 
 @torch.no_grad()
@@ -320,25 +319,25 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
             raise ValueError("this recipe needs calibration data (SmoothQuant scales or GPTQ Hessians): "
                              "pass calib=, e.g. token windows from the calibration split")
         names = sorted(set(sq) | set(gq))
-        # dedup=False: every layer accumulates its own statistics (shared inputs give identical ones)
+        # dedup: layers fed the very same tensor (q/k/v, gate/up) are reduced once, read via aliases
         stats = _Stats(sq, gq)
-        capture.capture_inputs(model, calib, names, keep=False, reduce=stats, dedup=False, forward=forward,
-                               batch_size=batch_size, progress=progress)
-        with capture.capturing(model, names, None, dedup=True) as h:  # which layers share an input
-            h.new_pass()
-            capture._call(model, capture._batches(calib, 1)[0] if isinstance(calib, torch.Tensor)
-                          else next(iter(calib)), forward)
-        aliases = dict(h.aliases)
-        prep.info["calibration_inputs"] = int(next(iter(stats.n.values()), 0)) or None
-    # SmoothQuant groups: modules sharing an input share one Scale
+        cap = capture.capture_inputs(model, calib, names, keep=False, reduce=stats, dedup=True, forward=forward,
+                                     batch_size=batch_size, progress=progress)
+        aliases = cap.aliases
+        for n in names:
+            c = aliases.get(n, n)
+            if n in stats.hessian_names and c != n:
+                stats.H[n] = stats.H[c] if c in stats.H else stats.H[n]
+        prep.info["calibration_tokens"] = int(calib.numel()) if isinstance(calib, torch.Tensor) else None
+    # SmoothQuant: layers sharing an input share one Scale, with the largest weight magnitude over
+    # the group (what folding the scale into the preceding norm requires)
     groups: dict[str, list[str]] = {}
     for n in sq:
         groups.setdefault(aliases.get(n, n), []).append(n)
     for canon, members in groups.items():
-        w_absmax = torch.stack([resolved[n][0].weight.detach().abs().amax(0).float().cpu() for n in members]).amax(0)
         rule = resolved[members[0]][1]
-        T = methods.smoothquant_transform(stats.absmax[canon if canon in stats.absmax else members[0]],
-                                          w_absmax, alpha=rule.alpha)
+        w_absmax = methods.weight_input_absmax(*[resolved[n][0].weight for n in members]).cpu()
+        T = methods.smoothquant_transform(stats.absmax[canon], w_absmax, alpha=rule.alpha)
         for n in members:
             prep.features[n] = T
     rotations: dict[int, object] = {}
@@ -363,13 +362,9 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
             out = quant.fake_quant(Wf, wq.bits, symmetric=wq.symmetric, clip_ratio=wq.clip_ratio,
                                    block_size=wq.group_size)
         else:
-            H = stats.H[n] / stats.n[n]
-            if isinstance(F, features_.Rotation):  # Hessian of the rotated inputs: R^T H R
-                R = F.R.to(device=H.device, dtype=torch.float64) if hasattr(F, "R") else F.matrix().double()
-                H = R.T @ H @ R
-            elif isinstance(F, features_.Scale):
-                r_ = F.r.double().to(H.device)
-                H = H * r_[:, None] * r_[None, :]
+            H = stats.H[n].H
+            if F is not None:  # the Hessian of the transformed inputs x R: R^T H R
+                H = F.forward(F.forward(H.to(Wf.device)).T).T
             out = methods.gptq_quantize(Wf, H.to(Wf.device), wq.bits, group_size=wq.group_size,
                                         symmetric=wq.symmetric, clip_ratio=wq.clip_ratio, damp=wq.damp,
                                         act_order=wq.act_order)
@@ -505,11 +500,6 @@ def _offset_from(args, kwargs) -> int:
     return 0
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype and a.device == b.device and a._version == b._version)
-
-
 @contextlib.contextmanager
 def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, calib=None, *,
           observe: Callable | None = None, check_finite: bool | None = None, progress: bool = True):
@@ -534,7 +524,7 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
         m, rule = resolved[name]
         F = prepared.features.get(name)
         last = state._last
-        if last is not None and last[1] is rule and last[2] is F and _same_tensor(last[0], x):
+        if last is not None and last[1] is rule and last[2] is F and hooks.same_tensor(last[0], x):
             out, tok, bits = last[3:]  # q/k/v (gate/up) take the same tensor: quantize it once
         elif rule.act is None:
             out, tok, bits = F.forward(x), 0, 0

@@ -259,3 +259,92 @@ def test_hooks_find_keyword_inputs():
     with hooks.input_hooks({"lin": lin}, lambda n, m, x: seen.append(n) or x * 0):
         out = lin(input=torch.ones(2, 4))
     assert seen == ["lin"] and torch.equal(out, lin.bias.expand(2, 4))
+
+
+# ----------------------------------------------------------------------------- methods in recipes
+CALIB = torch.randint(0, 96, (3, 48), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("feature, wmethod", [("hadamard", "rtn"), ("smoothquant", "rtn"), (None, "gptq"),
+                                              ("hadamard", "gptq"), ("smoothquant", "gptq")])
+def test_methods_without_quantization_leave_logits_unchanged(feature, wmethod):
+    """Rotation, smoothing and GPTQ at 16 bits are exact up to float rounding."""
+    model = tiny_llama()
+    ref = model(IDS).logits
+    snap = snapshot(model)
+    r = Recipe(Rule(LAYERS, weight=WeightQuant(bits=16, method=wmethod), feature=feature))
+    with recipe.apply(model, r, calib=CALIB, progress=False), torch.no_grad():
+        out = model(IDS).logits
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-3)
+    assert_restored(model, snap)
+
+
+def test_rotated_weights_are_quantized_in_the_rotated_basis():
+    from stamp_lib import methods
+
+    model = tiny_llama(layers=1)
+    lin = model.model.layers[0].mlp.down_proj
+    W = lin.weight.detach().clone()
+    r = Recipe(Rule("*.down_proj", weight=WeightQuant(bits=4), feature="hadamard"))
+    prep = recipe.prepare(model, r, progress=False)
+    R = methods.hadamard_rotation(W.shape[1])
+    want = quant.fake_quant(R.fold_weight(W.double()), 4, symmetric=True).float()
+    torch.testing.assert_close(prep.weights["model.layers.0.mlp.down_proj"], want, atol=1e-6, rtol=1e-6)
+    # ... which is not the rotation of the original-basis RTN weight
+    assert (R.fold_weight(quant.fake_quant(W, 4, symmetric=True)) - want).abs().max() > 1e-3
+
+
+def test_smoothquant_groups_share_one_scale_and_gptq_beats_rtn_on_the_model():
+    model = tiny_llama()
+    sq = recipe.prepare(model, Recipe(Rule(LAYERS, feature="smoothquant")), CALIB, progress=False)
+    f = sq.features
+    L0 = "model.layers.0."
+    assert f[L0 + "self_attn.q_proj"] is f[L0 + "self_attn.k_proj"] is f[L0 + "self_attn.v_proj"]
+    assert f[L0 + "mlp.gate_proj"] is f[L0 + "mlp.up_proj"] and f[L0 + "mlp.down_proj"] is not f[L0 + "mlp.up_proj"]
+    ref = model(IDS).logits
+    errs = {}
+    for wm in ("rtn", "gptq"):
+        with recipe.apply(model, Recipe(Rule(LAYERS, weight=WeightQuant(bits=3, method=wm))), calib=CALIB,
+                          progress=False), torch.no_grad():
+            errs[wm] = float((model(IDS).logits - ref).pow(2).mean())
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_calibration_is_required_and_prepared_must_match():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="calibration data"):
+        recipe.prepare(model, Recipe(Rule(LAYERS, feature="smoothquant")))
+    prep = recipe.prepare(model, Recipe(Rule(LAYERS, weight=WeightQuant(bits=4))), progress=False)
+    with pytest.raises(ValueError, match="other feature/weight settings"):
+        with recipe.apply(model, Recipe(Rule(LAYERS, weight=WeightQuant(bits=3))), prep):
+            pass
+    # the same preparation serves the recipe with and without STaMP
+    with recipe.apply(model, Recipe(Rule(LAYERS, act=ActQuant(transform="dwt"), weight=WeightQuant(bits=4))), prep):
+        pass
+
+
+def test_non_hadamard_size_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(52, 8))
+    with pytest.raises(ValueError, match="52"):
+        recipe.prepare(model, Recipe(Rule("0", feature="hadamard")))
+
+
+def test_kv_quantization_touches_only_keys_and_values():
+    """Through the recipe: per-token K/V quantization equals the kv module's own path with the
+    same quantizer, and leaves the linear inputs alone."""
+    from stamp_lib import kv
+
+    model = tiny_llama()
+    spec = ActQuant(bits="8x8+4")
+    with recipe.apply(model, Recipe(Rule(LAYERS), kv=spec)) as st, torch.no_grad():
+        got = model(IDS).logits
+    assert set(st.stats) == {f"kv.{i}.{k}" for i in range(2) for k in ("key", "value")}
+    assert st.average_bits("kv") == pytest.approx(4 + 4 * 8 / 80)
+
+    def manual(layer, kind, x, offset):
+        return quant.fake_quant(x, spec.bits_vector(x.shape[-2], offset))
+
+    with kv.kv_quantization(model, manual), torch.no_grad():
+        want = model(IDS).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - model(IDS).logits).abs().max() > 1e-4
