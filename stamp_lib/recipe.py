@@ -168,7 +168,11 @@ class ActQuant:
 @dataclass(frozen=True)
 class WeightQuant:
     """Weight fake quantization: ``method`` ``"rtn"`` (round to nearest) or ``"gptq"``; per output
-    channel, or per group of ``group_size`` input features; symmetric by default (the usual W4)."""
+    channel, or per group of ``group_size`` input features; symmetric by default (the usual W4).
+
+    ``lowrank`` = r > 0 adds an SVDQuant-style branch (Li et al., 2025): the top-r singular part
+    :math:`L_r` of the (folded) weight stays in full precision and sees the *unquantized* input,
+    only the residual :math:`W - L_r` is quantized: :math:`y = Q(x) Q_w(W - L_r)^\top + x L_r^\top + \beta`."""
 
     bits: int = 4
     method: str = "rtn"
@@ -177,9 +181,12 @@ class WeightQuant:
     clip_ratio: float = 1.0
     damp: float = 0.01
     act_order: bool = False
+    lowrank: int = 0
 
     def __post_init__(self):
         _check_bits_value(self.bits, "weight bits")
+        if isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int) or self.lowrank < 0:
+            raise ValueError(f"lowrank must be a non-negative int, got {self.lowrank!r}")
         if self.method not in WEIGHT_METHODS:
             raise ValueError(f"unknown weight method {self.method!r}; choose one of {WEIGHT_METHODS}")
         _check_pos_int(self.group_size, "group_size")
@@ -276,6 +283,7 @@ class Prepared:
     key: tuple
     features: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
+    lowrank: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
 
@@ -356,6 +364,13 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
         W = m.weight.detach()
         Wf = W.double() if F is None else F.fold_weight(W.double())
         wq = r.weight
+        if wq is not None and wq.lowrank:
+            if wq.lowrank >= min(Wf.shape):
+                raise ValueError(f"{n}: lowrank={wq.lowrank} must be below min(out, in) = {min(Wf.shape)}")
+            U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
+            Lr = (U[:, :wq.lowrank] * S[:wq.lowrank]) @ Vh[:wq.lowrank]
+            prep.lowrank[n] = Lr.to(dtype=W.dtype, device=W.device)
+            Wf = Wf - Lr
         if wq is None:
             out = Wf
         elif wq.method == "rtn":
@@ -399,6 +414,7 @@ class Applied:
         self._bits: dict = {}
         self._transforms: dict = {}
         self._last = None
+        self._lowrank_in: dict[str, torch.Tensor] = {}
 
     def set_grid(self, grid: tuple[int, int] | None) -> None:
         """The (h, w) token grid of the current forward, for rules with ``grid="auto"``."""
@@ -518,7 +534,8 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
                          "call prepare(model, recipe, calib) again")
     resolved = recipe.resolve(model)
     state = Applied(recipe, check_finite)
-    hooked = {n: m for n, (m, r) in resolved.items() if r.act is not None or n in prepared.features}
+    hooked = {n: m for n, (m, r) in resolved.items()
+              if r.act is not None or n in prepared.features or n in prepared.lowrank}
 
     def on_input(name, module, x):
         m, rule = resolved[name]
@@ -527,15 +544,24 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
         if last is not None and last[1] is rule and last[2] is F and hooks.same_tensor(last[0], x):
             out, tok, bits = last[3:]  # q/k/v (gate/up) take the same tensor: quantize it once
         elif rule.act is None:
-            out, tok, bits = F.forward(x), 0, 0
+            out, tok, bits = (x if F is None else F.forward(x)), 0, 0
         else:
             out, tok, bits = state.quantize(rule.act, x, state.offset, F)
         if rule.act is not None:
             state.count(name, tok, bits)
         state._last = (x, rule, F, out, tok, bits)
-        if observe is not None:
-            observe(name, x if F is None else F.forward(x), out)
+        if observe is not None or name in prepared.lowrank:
+            xr = x if F is None else F.forward(x)
+            if observe is not None:
+                observe(name, xr, out)
+            if name in prepared.lowrank:
+                state._lowrank_in[name] = xr
         return out
+
+    def add_lowrank(module, args, output):
+        name = names_of[id(module)]
+        xr = state._lowrank_in.pop(name)
+        return output + xr.to(output.dtype) @ prepared.lowrank[name].T
 
     def on_model(module, args, kwargs):
         state.offset = _offset_from(args, kwargs)
@@ -552,6 +578,9 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
                 m._parameters["weight"] = nn.Parameter(Wq, requires_grad=False)
         stack.enter_context(_model_pre_hook(model, on_model))
         stack.enter_context(hooks.input_hooks(hooked, on_input))
+        names_of = {id(resolved[n][0]): n for n in prepared.lowrank}
+        for n in prepared.lowrank:
+            stack.callback(resolved[n][0].register_forward_hook(add_lowrank).remove)
         if recipe.kv is not None:
             from . import kv
 

@@ -348,3 +348,26 @@ def test_kv_quantization_touches_only_keys_and_values():
         want = model(IDS).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - model(IDS).logits).abs().max() > 1e-4
+
+
+def test_lowrank_branch_reconstructs_and_sees_the_unquantized_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24))
+    x = torch.randn(2, 16, 32)
+    W, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    r = Recipe(Rule("0", act=ActQuant(bits=4), weight=WeightQuant(bits=4, lowrank=4)))
+    prep = recipe.prepare(model, r, progress=False)
+    Lr = prep.lowrank["0"]
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    torch.testing.assert_close(Lr, ((U[:, :4] * S[:4]) @ Vh[:4]).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prep.weights["0"], quant.fake_quant((W.double() - Lr.double()), 4, symmetric=True).float(),
+                               atol=1e-5, rtol=1e-5)
+    with recipe.apply(model, r, prep), torch.no_grad():
+        y = model(x)
+    want = quant.fake_quant(x, 4) @ prep.weights["0"].T + b + x @ Lr.T
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    # 16 bits everywhere: the split weight reconstructs the layer
+    r16 = Recipe(Rule("0", weight=WeightQuant(bits=16, lowrank=4)))
+    with recipe.apply(model, r16), torch.no_grad():
+        torch.testing.assert_close(model(x), x @ W.T + b, atol=1e-3, rtol=1e-4)
+    assert not model[0]._forward_hooks
