@@ -149,9 +149,42 @@ def test_linear_roles_and_activation_layouts(model):
 
 
 def test_score_finite_and_deterministic(model, samples):
-    y, t = samples.y, torch.full((4,), 0.5)
-    a, b = model.score(y, t), model(y, t)
-    assert torch.isfinite(a).all() and torch.equal(a, b)
+    """The score of one image depends on that image and its own t only: not on the other images of
+    the batch, their times or their order (every LayerNorm normalises one sample), nor on earlier
+    calls or on which loaded copy of the weights runs; the input is left untouched; finite at
+    both ends of [0, t1]."""
+    t_min = float(G.time_grid(12)[-2])  # the sampler's smallest time > 0
+    y = samples.y.clone()
+    t = torch.tensor([t_min, 0.5, 3.0, model.t1])  # one time per image, from one end to the other
+    full = model.score(y, t)
+    assert torch.equal(y, samples.y)  # not modified in place
+    # the same call again, and on a separately loaded copy: the same computation, same bytes
+    assert torch.equal(model.score(y, t), full)
+    assert torch.equal(G.load_galaxy_model("hsc_ScoreNet64")(y, t), full)
+
+    # other batch compositions are other computations (batched matmuls may round differently).
+    # Tolerance per image from this forward's own float32 rounding error, measured against float64:
+    # two float32 computations of one score each lie within about that of the exact score.
+    exact = G.load_galaxy_model("hsc_ScoreNet64").double()(y.double(), t.double())
+    f32_err = (full.double() - exact).abs().amax(dim=(1, 2, 3))
+    tol = 4 * f32_err + torch.finfo(torch.float32).eps * exact.abs().amax(dim=(1, 2, 3))
+
+    def check(got, idx, what):
+        err = (got.double() - full[idx].double()).abs().amax(dim=(1, 2, 3))
+        assert (err <= tol[idx]).all(), f"{what}: max error {err.tolist()} > tolerance {tol[idx].tolist()}"
+
+    for i in range(len(y)):
+        check(model(y[i : i + 1], t[i : i + 1]), [i], f"image {i} alone vs in the batch")
+    perm = [2, 0, 3, 1]
+    check(model(y[perm], t[perm]), perm, "permuted batch")
+    # a float t and a (B,) tensor holding it mean the same
+    a, b = model(y, 0.5), model(y, torch.full((len(y),), 0.5))
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(a, b, rtol=100 * eps, atol=100 * eps * float(b.abs().max()))
+
+    # finite where the sampler goes and at the ends: the starting noise at t1, images at t -> 0 and t = 0
+    for yy, tt in ((G.initial_noise(2, 3), model.t1), (y, t_min), (y, 0.0)):
+        assert torch.isfinite(model(yy, tt)).all(), tt
 
 
 def test_network_denoises_its_own_samples(model, samples):
