@@ -63,11 +63,21 @@ LINEARS = "model.layers.*"
 _FEATURE = {"fp": None, "rtn": None, "smoothquant": "smoothquant", "quarot": "hadamard"}
 
 
-def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, levels: int | None = 3,
-               a_bits: int = 4, w_bits: int = 4, kv_bits: int | None = 4, hp_tokens: int = 64, hp_bits: int = 8,
-               kv_stamp: bool = False, alpha: float = 0.5, patterns=LINEARS) -> Recipe:
+def default_levels(seq_len: int, hp_tokens: int) -> int:
+    """Haar levels whose approximation band has exactly the ``hp_tokens`` high-precision rows:
+    log2(seq_len / hp_tokens) (5 for 2048 / 64), at least 1."""
+    if hp_tokens < 1 or seq_len < hp_tokens:
+        raise ValueError(f"need 1 <= hp_tokens <= seq_len, got {hp_tokens} and {seq_len}")
+    return max(1, int(round(math.log2(seq_len / hp_tokens))))
+
+
+def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, levels: int | None = None,
+               seq_len: int = 2048, a_bits: int = 4, w_bits: int = 4, kv_bits: int | None = 4, hp_tokens: int = 64,
+               hp_bits: int = 8, kv_stamp: bool = False, alpha: float = 0.5, patterns=LINEARS) -> Recipe:
     """The recipe of one Table 2 cell (see the module docstring). ``stamp``: ``None``/``"none"``
-    (bit-matched baseline) or a sequence transform; ``kv_bits=None`` leaves K/V in full precision."""
+    (bit-matched baseline) or a sequence transform; ``kv_bits=None`` leaves K/V in full precision.
+    ``levels`` (Haar): default :func:`default_levels` of ``seq_len`` (the approximation band is
+    the high-precision rows)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     stamp = None if stamp in (None, "none", "identity") else stamp
@@ -77,7 +87,7 @@ def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, l
     if method == "fp":
         return Recipe((Rule(patterns),), name=name)
     tr = stamp or "identity"
-    lv = levels if tr == "dwt" else None
+    lv = (levels or default_levels(seq_len, hp_tokens)) if tr == "dwt" else None
     act = ActQuant(bits=f"{hp_tokens}x{hp_bits}+{a_bits}", transform=tr, levels=lv)
     kv = None
     if kv_bits:
@@ -153,6 +163,77 @@ def paired(base: Eval, other: Eval) -> dict:
             "n": n, "beyond_2se": bool(n > 1 and abs(mean) > 2 * se)}
 
 
+ROWS = (("rtn", "rtn"), ("smoothquant", "rtn"), ("quarot", "rtn"), ("quarot", "gptq"))
+COLUMNS = ("none", "dwt", "dct")
+
+
+def _column(col: str) -> dict:
+    """A table column name -> recipe keywords: ``"none"`` (bit-matched baseline), a transform, or
+    ``"<transform>+kv"`` (the sequence transform on keys and values too)."""
+    stamp, _, kv = col.partition("+")
+    if kv not in ("", "kv"):
+        raise ValueError(f"bad column {col!r}: use 'none', a transform, or '<transform>+kv'")
+    return {"stamp": stamp, "kv_stamp": kv == "kv"}
+
+
+@dataclass
+class Table:
+    """The Table 2 analog: ``fp`` and ``cells[(method, weights)][column]`` (:class:`Eval`), all on
+    the same windows; ``knobs`` holds the shared settings."""
+
+    fp: Eval
+    cells: dict
+    knobs: dict
+
+    def paired(self, row, column: str, base: str = "none") -> dict:
+        return paired(self.cells[row][base], self.cells[row][column])
+
+
+def run_table(model, eval_windows: torch.Tensor, calib_windows: torch.Tensor | None, rows=ROWS, columns=COLUMNS, *,
+              batch_size: int = 1, progress: bool = True, **recipe_kw) -> Table:
+    """Evaluate every ``(method, weights)`` row in every column on the same windows. One preparation
+    per row (calibration, smoothing, rotation, GPTQ) serves all its columns."""
+    from tqdm.auto import tqdm
+
+    seq_len = eval_windows.shape[1]
+    recipe_kw.setdefault("seq_len", seq_len)
+    fp = evaluate(model, eval_windows, llm_recipe("fp"), progress=False)
+    cells = {}
+    jobs = [(row, col) for row in rows for col in columns]
+    bar = tqdm(total=len(jobs), desc="table cells", disable=not progress)
+    for row in rows:
+        method, weights = row
+        base = llm_recipe(method, weights=weights, **recipe_kw)
+        prep = rcp.prepare(model, base, calib_windows if base.needs_calibration() else None, progress=False)
+        cells[row] = {}
+        for col in columns:
+            r = llm_recipe(method, weights=weights, **{**recipe_kw, **_column(col)})
+            cells[row][col] = evaluate(model, eval_windows, r, prep, batch_size=batch_size, progress=False)
+            bar.update(1)
+    bar.close()
+    knobs = {"seq_len": seq_len, "windows": int(eval_windows.shape[0]),
+             "calib_windows": 0 if calib_windows is None else int(calib_windows.shape[0]),
+             "recipe_example": llm_recipe(rows[0][0], weights=rows[0][1], **{**recipe_kw, "stamp": "dwt"}).knobs(),
+             **{k: v for k, v in recipe_kw.items()}}
+    return Table(fp=fp, cells=cells, knobs=knobs)
+
+
+@torch.no_grad()
+def layer_sqnr(model, window: torch.Tensor, recipe: Recipe, prepared: rcp.Prepared | None = None) -> dict:
+    """SQNR (dB) of every quantized linear input on one forward: ``10 log10(||x R||^2 / ||x R - x_hat||^2)``
+    in the basis it is quantized in (each layer's own input, as perturbed by the layers before)."""
+    from . import metrics
+
+    out = {}
+
+    def obs(name, xr, xh):
+        out[name] = metrics.sqnr_db(xr.double(), xh.double())
+
+    with rcp.apply(model, recipe, prepared, observe=obs, progress=False):
+        model(window.reshape(1, -1))
+    return out
+
+
 def eval_data(tokenizer, seq_len: int, n_eval: int, n_calib: int = 0):
     """``(eval_windows, calib_windows)`` from the Wikipedia evaluation / calibration splits (disjoint
     by article; :mod:`stamp_lib.text`)."""
@@ -185,7 +266,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="rtn", choices=METHODS)
     p.add_argument("--weights", default="rtn", choices=rcp.WEIGHT_METHODS)
     p.add_argument("--stamp", default="none", choices=STAMPS, help="sequence transform (none = bit-matched baseline)")
-    p.add_argument("--levels", type=int, default=3, help="Haar levels for --stamp dwt")
+    p.add_argument("--levels", type=int, default=None,
+                   help="Haar levels for --stamp dwt (default log2(seq_len / hp_tokens): 5 at 2048 / 64)")
     p.add_argument("--a-bits", type=int, default=4)
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--kv-bits", type=int, default=4, help="0 leaves K/V in full precision")
@@ -212,7 +294,8 @@ def main(argv=None) -> dict:
     a = _parser().parse_args(argv)
     from . import study
 
-    r = llm_recipe(a.method, weights=a.weights, stamp=a.stamp, levels=a.levels, a_bits=a.a_bits, w_bits=a.w_bits,
+    r = llm_recipe(a.method, weights=a.weights, stamp=a.stamp, levels=a.levels, seq_len=a.seq_len, a_bits=a.a_bits,
+                   w_bits=a.w_bits,
                    kv_bits=a.kv_bits or None, hp_tokens=a.hp_tokens, hp_bits=a.hp_bits, kv_stamp=a.kv_stamp,
                    alpha=a.alpha)
     if a.hp_tokens > a.seq_len:

@@ -371,3 +371,31 @@ def test_lowrank_branch_reconstructs_and_sees_the_unquantized_input():
     with recipe.apply(model, r16), torch.no_grad():
         torch.testing.assert_close(model(x), x @ W.T + b, atol=1e-3, rtol=1e-4)
     assert not model[0]._forward_hooks
+
+
+def test_per_call_path_makes_no_host_syncs(monkeypatch):
+    """Settings are validated when built; the per-call quantization reads nothing back from the
+    device (no .item(), bool(), int(), float(), .tolist(), .cpu() on tensors; .numpy(), zero-copy
+    and CPU-only, is how the CPU DCT reaches scipy)."""
+    st = recipe.Applied(Recipe(()), check_finite=False)
+    x = torch.randn(2, 32, 16)
+    specs = [ActQuant(bits="8x8+4", transform="dwt", levels=2), ActQuant(bits=4, transform="dct", block_size=8),
+             ActQuant(bits="4x8+4", transform="dwt", grid=(4, 8))]
+    for spec in specs:
+        st.quantize(spec, x, 0)  # first call builds the cached bit vectors and transforms
+    seen = []
+    for meth in ("item", "__bool__", "__int__", "__float__", "tolist", "cpu"):
+        orig = getattr(torch.Tensor, meth)
+        monkeypatch.setattr(torch.Tensor, meth,
+                            lambda self, *a, _o=orig, _m=meth, **k: (seen.append(_m), _o(self, *a, **k))[1])
+    for spec in specs:
+        st.quantize(spec, x, 0)
+    monkeypatch.undo()
+    assert seen == []
+    # ... and the check is real: the finiteness check (check_finite=True) does sync
+    st2 = recipe.Applied(Recipe(()), check_finite=True)
+    orig = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: (seen.append("bool"), orig(self))[1])
+    st2.quantize(specs[0], x, 0)
+    monkeypatch.undo()
+    assert "bool" in seen

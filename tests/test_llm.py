@@ -1,0 +1,109 @@
+"""The language-model experiment: recipes of the Table 2 rows, paired evaluation, the CLI on
+checkpoint folders (tiny random-init LLaMA and Gemma-3 configurations with a real tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from stamp_lib import llm, recipe
+
+pytestmark = pytest.mark.models
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from stamp_lib import models
+
+    _, tok = models.load_smollm2()
+    return tok
+
+
+def _save_tiny(kind, path, tok):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512, head_dim=16)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=32, query_pre_attn_scalar=16))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind, method, weights", [("llama", "quarot", "gptq"), ("gemma3", "smoothquant", "rtn")])
+def test_cli_runs_a_checkpoint_folder_and_writes_every_knob(tmp_path, tokenizer, kind, method, weights, capsys):
+    folder = _save_tiny(kind, tmp_path / kind, tokenizer)
+    out = tmp_path / "res.json"
+    res = llm.main(["--model", str(folder), "--method", method, "--weights", weights, "--stamp", "dwt",
+                    "--seq-len", "128", "--windows", "2", "--calib-windows", "1", "--hp-tokens", "16",
+                    "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "over 2 windows of 128 tokens" in printed
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(res))
+    rule = saved["recipe"]["rules"][0]
+    assert rule["act"]["transform"] == "dwt" and rule["act"]["levels"] == 3  # log2(128 / 16)
+    assert rule["act"]["hp_tokens"] == 16 and rule["weight"]["method"] == weights
+    assert rule["feature"] == {"quarot": "hadamard", "smoothquant": "smoothquant"}[method]
+    assert saved["recipe"]["kv"]["lp_bits"] == 4 and saved["calib_windows"] == 1
+    ev = saved["eval"]
+    assert len(ev["nll_per_window"]) == 2 and math.isfinite(ev["ppl"])
+    assert ev["act_bits_spent"] == pytest.approx(4 + 4 * 16 / 128)
+    assert ev["kv_bits_spent"] == pytest.approx(4 + 4 * 16 / 128)
+
+
+def test_fp_recipe_equals_the_plain_model(tmp_path, tokenizer):
+    from stamp_lib import models
+
+    folder = _save_tiny("llama", tmp_path / "m", tokenizer)
+    model, tok = llm.load(str(folder))
+    ev, _ = llm.eval_data(tok, 64, 2)
+    plain = models.window_nll(model, ev, progress=False)
+    got = llm.evaluate(model, ev, llm.llm_recipe("fp"), progress=False)
+    assert torch.equal(got.nll, plain)
+
+
+def test_table_pairs_columns_on_the_same_windows(tmp_path, tokenizer):
+    folder = _save_tiny("llama", tmp_path / "m", tokenizer)
+    model, tok = llm.load(str(folder))
+    ev, cal = llm.eval_data(tok, 64, 3, 1)
+    t = llm.run_table(model, ev, cal, rows=(("rtn", "rtn"), ("smoothquant", "rtn")), columns=("none", "dwt", "dwt+kv"),
+                      hp_tokens=8, progress=False)
+    assert set(t.cells) == {("rtn", "rtn"), ("smoothquant", "rtn")}
+    kv = t.cells[("rtn", "rtn")]["dwt+kv"].knobs["kv"]
+    assert kv["transform"] == "dwt" and t.cells[("rtn", "rtn")]["dwt"].knobs["kv"]["transform"] == "identity"
+    p = t.paired(("rtn", "rtn"), "dwt")
+    d = t.cells[("rtn", "rtn")]["dwt"].nll - t.cells[("rtn", "rtn")]["none"].nll
+    assert p["delta_nll"] == pytest.approx(float(d.mean())) and p["n"] == 3
+    assert p["ppl_ratio"] == pytest.approx(math.exp(float(d.mean())))
+    sq = llm.layer_sqnr(model, ev[0], llm.llm_recipe("rtn", stamp="dwt", hp_tokens=8, seq_len=64))
+    assert len(sq) == 14 and all(math.isfinite(v) for v in sq.values())
+
+
+def test_recipes_and_errors():
+    assert llm.default_levels(2048, 64) == 5 and llm.default_levels(512, 64) == 3
+    r = llm.llm_recipe("quarot", weights="gptq", stamp="dct")
+    assert r.rules[0].feature == "hadamard" and r.rules[0].act.transform == "dct" and r.kv.transform == "identity"
+    assert llm.llm_recipe("fp").rules[0].act is None and llm.llm_recipe("fp").kv is None
+    assert llm.llm_recipe("rtn", kv_bits=None).kv is None
+    with pytest.raises(ValueError, match="unknown method"):
+        llm.llm_recipe("awq")
+    with pytest.raises(ValueError, match="unknown STaMP transform"):
+        llm.llm_recipe("rtn", stamp="fft")
+    with pytest.raises(ValueError, match="bad column"):
+        llm._column("dwt+q")
+    a = llm.Eval(nll=torch.tensor([1.0, 2.0]), knobs={})
+    b = llm.Eval(nll=torch.tensor([1.0, 2.0, 3.0]), knobs={})
+    with pytest.raises(ValueError, match="same windows"):
+        llm.paired(a, b)
+    with pytest.raises(ValueError, match="do not fit"):
+        llm.evaluate(torch.nn.Linear(2, 2), torch.zeros(1, 32, dtype=torch.long), llm.llm_recipe("rtn"))
+    with pytest.raises(SystemExit, match="hp-tokens"):
+        llm.main(["--seq-len", "32", "--hp-tokens", "64"])
