@@ -167,6 +167,18 @@ ROWS = (("rtn", "rtn"), ("smoothquant", "rtn"), ("quarot", "rtn"), ("quarot", "g
 COLUMNS = ("none", "dwt", "dct")
 
 
+# The paper's Table 2 (W4A4KV4, WikiText-2 perplexity, 2048-token windows; without -> with STaMP),
+# as collected in shared/paper-notes.md. FlatQuant (learned transforms) is out of scope here.
+PAPER_MODELS = ("Llama-3-8B", "Llama-3.2-1B-it", "Llama-3.2-3B-it", "Qwen-2.5-3B-it")
+PAPER_TABLE2 = {
+    "fp": (6.14, 13.16, 11.27, 8.56),
+    "rtn": ((668, 95.3), (1795, 700), (483, 159), (99723, 18767)),
+    "smoothquant": ((531, 93.8), (883, 407), (177, 88.5), (66929, 29063)),
+    "quarot": ((9.05, 8.66), (25.78, 23.72), (18.43, 17.57), (94.86, 71.13)),
+    "flatquant": ((6.89, 6.77), (15.72, 15.16), (12.71, 12.40), (9.29, 9.19)),
+}
+
+
 def _column(col: str) -> dict:
     """A table column name -> recipe keywords: ``"none"`` (bit-matched baseline), a transform, or
     ``"<transform>+kv"`` (the sequence transform on keys and values too)."""
