@@ -30,6 +30,10 @@ dwt + grid  multi-level 2-D Haar over an h x w token grid (tokens flattened row-
 klt         Karhunen-Loeve transform fitted from samples: eigenvectors of the sequence
             autocorrelation :math:`S = E[X X^T] / d` (s x s), rows by decreasing eigenvalue.
 ==========  ==============================================================================
+
+Dtypes: float32 and float64 are computed as given. float16 and bfloat16 inputs are computed in
+float32 and the result is cast back to the input dtype (the same rule for every transform, fast
+and dense paths alike). Any other floating dtype (e.g. float8) raises a TypeError that names it.
 """
 
 from __future__ import annotations
@@ -56,6 +60,24 @@ __all__ = [
 ]
 
 SQRT1_2 = 1.0 / math.sqrt(2.0)
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+_UPCAST_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32, returned in their dtype
+
+
+def _as_input(X, what: str, check_finite: bool) -> torch.Tensor:
+    """Validate ``X`` (..., s, d) and refuse floating dtypes the transforms cannot compute in."""
+    if isinstance(X, torch.Tensor) and X.is_floating_point() and X.dtype not in _NATIVE_DTYPES + _UPCAST_DTYPES:
+        raise TypeError(
+            f"{what} has dtype {X.dtype}; sequence transforms compute in float32/float64 "
+            f"(float16/bfloat16 are upcast to float32 and cast back): convert it first, e.g. {what}.float()"
+        )
+    return as_sequence_tensor(X, what, check_finite=check_finite)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a transform computes in for inputs of ``dtype`` (float16/bfloat16 -> float32)."""
+    return torch.float32 if dtype in _UPCAST_DTYPES else dtype
 
 # Scratch buffers reused between calls. On CPU every fresh multi-megabyte tensor is mmap-ed and
 # page-faulted in by the OS, which costs more than the arithmetic of a Haar level or a Hadamard
@@ -96,23 +118,33 @@ class SequenceTransform:
 
     # -- public API ---------------------------------------------------------------------------
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        """Fast path: ``L @ X`` along dim -2 of ``X`` (..., s, d)."""
-        X = as_sequence_tensor(X, check_finite=self.check_finite)
+        """Fast path: ``L @ X`` along dim -2 of ``X`` (..., s, d).
+
+        Returns a fresh tensor of X's shape and dtype (float16/bfloat16 computed in float32).
+        When X requires grad (and grad mode is on) the dense path is taken so autograd works."""
+        X = _as_input(X, "X", self.check_finite)
         self._check_length(X.shape[-2])
-        if X.requires_grad and torch.is_grad_enabled():
-            return self.forward_dense(X)  # the fast paths write into buffers (no autograd)
-        return self._forward(X)
+        Xc = X.to(_compute_dtype(X.dtype))
+        if Xc.requires_grad and torch.is_grad_enabled():
+            Y = self._matrix_for(Xc) @ Xc  # the fast paths write into buffers (no autograd)
+        else:
+            Y = self._forward(Xc)
+        return Y.to(X.dtype)
 
     def inverse(self, Y: torch.Tensor) -> torch.Tensor:
-        """Fast path: ``L^{-1} @ Y`` along dim -2."""
-        Y = as_sequence_tensor(Y, "Y", check_finite=self.check_finite)
+        """Fast path: ``L^{-1} @ Y`` along dim -2; same dtype rules as :meth:`forward`."""
+        Y = _as_input(Y, "Y", self.check_finite)
         self._check_length(Y.shape[-2])
-        if Y.requires_grad and torch.is_grad_enabled():
-            return self.inverse_dense(Y)
-        return self._inverse(Y)
+        Yc = Y.to(_compute_dtype(Y.dtype))
+        if Yc.requires_grad and torch.is_grad_enabled():
+            X = self._inverse_dense(Yc)
+        else:
+            X = self._inverse(Yc)
+        return X.to(Y.dtype)
 
     def matrix(self, s: int, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
-        """The dense s x s matrix L, built independently of the fast path."""
+        """The dense s x s matrix L, built independently of the fast path (float64, then cast
+        to ``dtype``, default the torch default dtype)."""
         if not isinstance(s, int) or s < 1:
             raise ValueError(f"sequence length s must be a positive int, got {s!r}")
         self._check_length(s)
@@ -120,14 +152,24 @@ class SequenceTransform:
         return self._matrix_cached(s).to(dtype=dtype, device=device)
 
     def forward_dense(self, X: torch.Tensor) -> torch.Tensor:
-        """Dense path: ``matrix(s) @ X`` (O(s^2 d))."""
-        X = as_sequence_tensor(X, check_finite=self.check_finite)
-        return self.matrix(X.shape[-2], X.dtype, X.device) @ X
+        """Dense path: ``matrix(s) @ X`` (O(s^2 d)); same dtype rules as :meth:`forward`."""
+        X = _as_input(X, "X", self.check_finite)
+        self._check_length(X.shape[-2])
+        Xc = X.to(_compute_dtype(X.dtype))
+        return (self._matrix_for(Xc) @ Xc).to(X.dtype)
 
     def inverse_dense(self, Y: torch.Tensor) -> torch.Tensor:
         """Dense path of the inverse: ``matrix(s)^{-1} @ Y`` (the transpose when orthogonal)."""
-        Y = as_sequence_tensor(Y, "Y", check_finite=self.check_finite)
-        M = self.matrix(Y.shape[-2], Y.dtype, Y.device)
+        Y = _as_input(Y, "Y", self.check_finite)
+        self._check_length(Y.shape[-2])
+        Yc = Y.to(_compute_dtype(Y.dtype))
+        return self._inverse_dense(Yc).to(Y.dtype)
+
+    def _matrix_for(self, X: torch.Tensor) -> torch.Tensor:
+        return self.matrix(X.shape[-2], X.dtype, X.device)
+
+    def _inverse_dense(self, Y: torch.Tensor) -> torch.Tensor:
+        M = self._matrix_for(Y)
         if self.orthogonal:
             return M.transpose(-1, -2) @ Y
         return torch.linalg.solve(M, Y)
@@ -209,7 +251,7 @@ def _scipy_dct(X: torch.Tensor, inverse: bool) -> torch.Tensor:
 
 
 def _use_scipy(X: torch.Tensor) -> bool:
-    return X.device.type == "cpu" and _FFT_BACKEND == "scipy" and X.dtype in (torch.float32, torch.float64)
+    return X.device.type == "cpu" and _FFT_BACKEND == "scipy" and X.dtype in _NATIVE_DTYPES
 
 
 class DCT(SequenceTransform):
@@ -722,7 +764,7 @@ class KLT(Dense):
     @classmethod
     def fit(cls, samples: torch.Tensor, check_finite: bool = True) -> "KLT":
         """Fit from samples of shape (n, s, d) (or (s, d)); computed in float64."""
-        X = as_sequence_tensor(samples, "samples", check_finite=check_finite)
+        X = _as_input(samples, "samples", check_finite)
         X = X.reshape(-1, X.shape[-2], X.shape[-1]).to(torch.float64)
         S = torch.einsum("nsd,ntd->st", X, X) / (X.shape[0] * X.shape[-1])
         return cls.from_autocorrelation(S, check_finite=check_finite)
