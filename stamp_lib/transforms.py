@@ -55,6 +55,7 @@ __all__ = [
     "HaarDWT2D",
     "KLT",
     "Dense",
+    "canonical_signs",
     "build",
     "NAMES",
 ]
@@ -751,13 +752,39 @@ class Dense(SequenceTransform):
         return self.M
 
 
+SIGN_TIE_RTOL = 1e-8  # entries within this relative distance of the largest magnitude tie
+
+
+def canonical_signs(R: torch.Tensor, tie_rtol: float = SIGN_TIE_RTOL) -> torch.Tensor:
+    """Flip the sign of each ROW of ``R`` (k, s) so that its pivot is positive.
+
+    The pivot of a row is its first entry (lowest column index) whose magnitude is at least
+    ``(1 - tie_rtol)`` times the row's largest magnitude: the largest-magnitude entry, with
+    ties broken towards the first token. Returns a new tensor; all-zero rows are left as they
+    are. Flipping rows of R beforehand changes nothing (|R| is the same bytes), so
+    ``canonical_signs(D @ R)`` equals ``canonical_signs(R)`` exactly for any diagonal D of +-1."""
+    mag = R.abs()
+    top = mag.amax(dim=-1, keepdim=True)
+    cols = torch.arange(R.shape[-1], device=R.device).expand_as(R)
+    pivot = torch.where(mag >= top * (1.0 - tie_rtol), cols, R.shape[-1]).amin(dim=-1, keepdim=True)
+    signs = torch.sign(R.gather(-1, pivot.clamp(max=R.shape[-1] - 1)))
+    signs[signs == 0] = 1.0
+    return R * signs
+
+
 class KLT(Dense):
     r"""Karhunen-Loeve transform along the sequence.
 
     Rows are the eigenvectors of the sequence autocorrelation :math:`S = E[X X^T]/d` (s x s,
     estimated from samples), sorted by decreasing eigenvalue, so that the first k rows capture
-    the largest possible expected energy of any orthonormal transform (Ky Fan). Eigenvector
-    signs are fixed (largest-magnitude entry positive) so a fit is deterministic."""
+    the largest possible expected energy of any orthonormal transform (Ky Fan).
+
+    Sign convention (see :func:`canonical_signs`): in every row, the entry of largest magnitude
+    is positive; where several entries tie in magnitude (within a relative ``1e-8``, as the
+    symmetric and skew-symmetric eigenvectors of a stationary, Toeplitz S always do), the first
+    of them (lowest token index) is positive. So the rows do not depend on the signs the
+    eigensolver happens to return, nor on round-off between tied entries. Eigenvectors of
+    (nearly) repeated eigenvalues are not unique beyond their sign; no sign rule fixes that."""
 
     name = "klt"
 
@@ -781,11 +808,8 @@ class KLT(Dense):
         evals, evecs = torch.linalg.eigh(S)
         order = torch.argsort(evals, descending=True)
         evals, V = evals[order], evecs[:, order]
-        idx = V.abs().argmax(dim=0)
-        signs = torch.sign(V[idx, torch.arange(V.shape[1])])
-        signs[signs == 0] = 1.0
-        V = V * signs
-        obj = cls(V.T.contiguous(), check_finite=check_finite)
+        rows = canonical_signs(V.T)  # row k = k-th eigenvector, documented sign
+        obj = cls(rows.contiguous(), check_finite=check_finite)
         obj.eigenvalues = evals
         return obj
 

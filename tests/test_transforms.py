@@ -173,9 +173,83 @@ def test_klt_orders_eigenvalues_and_maximises_concentration():
         assert torch.all(pk >= energy_profile(T.forward(X)) - 1e-10), T
 
 
-def test_klt_deterministic_signs():
-    X = torch.randn(10, 8, 4, dtype=torch.float64)
-    assert torch.equal(transforms.KLT.fit(X).M, transforms.KLT.fit(X.clone()).M)
+# --- KLT sign convention: largest-magnitude entry of each row positive, ties -> first token ----
+def _klt_with_eigh(monkeypatch, S, tamper):
+    """KLT.from_autocorrelation(S) with torch.linalg.eigh's eigenvectors passed through
+    ``tamper(V)`` first (S is the same for v and -v, so a solver may return either)."""
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def eigh(A, *args, **kw):
+        w, V = real_eigh(A, *args, **kw)
+        calls.append(1)
+        return w, tamper(V)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.linalg, "eigh", eigh)
+        K = transforms.KLT.from_autocorrelation(S)
+    assert calls, "KLT no longer calls torch.linalg.eigh: update this test"
+    return K
+
+
+def _flips(s, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [-torch.ones(s, dtype=torch.float64),
+            torch.tensor([(-1.0) ** k for k in range(s)], dtype=torch.float64),
+            torch.where(torch.rand(s, generator=g) < 0.5, -1.0, 1.0).double()]
+
+
+def test_klt_signs_follow_the_rule_whatever_signs_eigh_returns(monkeypatch):
+    """Generic basis (no ties): row k = +-q_k with its largest-magnitude entry positive."""
+    s = 12
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(s, s, generator=g, dtype=torch.float64))
+    lam = torch.linspace(2.0, 0.1, s, dtype=torch.float64)  # distinct: q_k is unique up to sign
+    S = Q @ torch.diag(lam) @ Q.T
+    rows = Q.T.clone()  # row k = eigenvector of the k-th largest eigenvalue
+    pivot = rows.abs().argmax(dim=1)
+    expected = rows * torch.sign(rows[torch.arange(s), pivot]).unsqueeze(1)
+    K = transforms.KLT.from_autocorrelation(S)
+    close(K.M, expected, rtol=0, atol=1e-10)
+    for flip in _flips(s, seed=0):
+        Kf = _klt_with_eigh(monkeypatch, S, lambda V: V * flip)
+        # the same bytes: a sign flip is exact and |V| does not change
+        assert torch.equal(Kf.M, K.M), flip
+
+
+def test_klt_sign_ties_go_to_the_first_token(monkeypatch):
+    """Walsh eigenvectors: every entry ties in magnitude (+-1/sqrt(s)), so the rule makes the
+    first entry positive, and the KLT of S = H^T diag(lam) H is H itself (scipy's Sylvester
+    Hadamard has a positive first column) even when the solver returns flipped vectors with
+    round-off in them, as another LAPACK would."""
+    from scipy.linalg import hadamard
+
+    s = 16
+    H = torch.from_numpy(hadamard(s).astype(np.float64)) / math.sqrt(s)
+    lam = torch.linspace(3.0, 0.2, s, dtype=torch.float64)
+    S = H.T @ torch.diag(lam) @ H
+    g = torch.Generator().manual_seed(1)
+    for flip in _flips(s, seed=1):
+        noise = 1e-13 * torch.randn(s, s, generator=g, dtype=torch.float64)
+        K = _klt_with_eigh(monkeypatch, S, lambda V: V * flip + noise)
+        close(K.M, H, rtol=0, atol=1e-11)
+
+
+def test_klt_signs_on_a_stationary_autocorrelation(monkeypatch):
+    """AR(1), S_ij = rho^|i-j| (Toeplitz): every eigenvector is symmetric or skew-symmetric,
+    so its largest magnitude sits at two mirrored tokens; the first of them is positive."""
+    s, rho = 16, 0.9
+    i = torch.arange(s, dtype=torch.float64)
+    S = rho ** (i[:, None] - i[None, :]).abs()
+    g = torch.Generator().manual_seed(2)
+    for flip in [torch.ones(s, dtype=torch.float64), *_flips(s, seed=2)]:
+        noise = 1e-13 * torch.randn(s, s, generator=g, dtype=torch.float64)
+        M = _klt_with_eigh(monkeypatch, S, lambda V: V * flip + noise).M
+        for k, row in enumerate(M):
+            top = int(row.abs().argmax())
+            first = min(top, s - 1 - top)
+            close(row.abs(), row.abs().flip(0), rtol=0, atol=1e-10)  # (skew-)symmetric
+            assert row[first] > 0, (k, row)
 
 
 @settings(max_examples=40, deadline=None)
