@@ -1,27 +1,56 @@
-"""Study plumbing shared by every notebook: the size switch, seeds, the results file, caches.
+"""Study plumbing shared by every notebook: size switch, seeds, claims registry, results files,
+glued numbers, full-size records, caches.
 
-Contract
---------
-* ``STUDY_SIZE`` (environment variable, ``small`` by default, or ``full``) is read by
-  :func:`size`. The book build, pytest and JupyterLab all reach a notebook through the same
-  variable, so ``STUDY_SIZE=full make book`` and ``STUDY_SIZE=full jupyter lab`` agree.
-* A notebook starts with ``run = study.start("01_theorem1", knobs={...})``: it fixes the seeds,
-  prints the size, the knobs and starts a wall clock.
-* ``run.record(name, value, **knobs)`` stores one reported number with every knob that produced
-  it; ``run.verdict(claim, paper, ours, verdict)`` stores one line of the "paper vs this study"
-  page; ``run.save()`` writes ``data/results/<notebook>.json`` and prints the wall time.
-* :func:`cache_dir` is the ignored folder where dequantized weights and activations live
+Conventions (chapters 1-4 follow them)
+--------------------------------------
+* **Size.** ``STUDY_SIZE`` (``small`` by default, or ``full``) is read by :func:`size`; the book
+  build, pytest and JupyterLab all reach a notebook through that variable. Knobs are written
+  ``N = study.pick(small_value, full_value)``.
+* **Start and save.** A notebook starts with ``run = study.start("01_theorem1", knobs={...})``
+  (seeds fixed, size and knobs printed, wall clock started) and ends with ``run.save()``, which
+  writes ``<results>/<notebook>.json`` (``data/results/`` unless ``STAMP_RESULTS`` says otherwise)
+  with every number, verdict, glued text and checked sentence, plus the provenance of the run
+  (:func:`provenance`: commit, date, wall time, machine, package versions and the hash of the
+  code that produced it).
+* **Numbers.** ``run.record(name, value, **knobs)`` stores one number with *every* knob behind it.
+  Put these calls in cells tagged ``hide-input`` (bookkeeping), not in the cells that do the
+  science.
+* **Numbers in the prose** come from the computation, never typed:
+  ``run.glue("ch1_max_ratio", value, ".3f")`` and, in the Markdown, ``{glue:text}`ch1_max_ratio```.
+  Never write "(printed above)".
+* **Qualitative sentences** are asserted where they are computed:
+  ``run.holds(ratio < 0.1, "the bound has more than an order of magnitude of slack")`` raises
+  :class:`ProseContradicted` (and fails the build) when a change flips the sentence.
+* **Claims.** Every claim of the paper the book tests is registered once, in :data:`CLAIMS`
+  below (title, the claim, where the paper makes it, the paper's number). A chapter attaches its
+  result with ``run.verdict(key, verdict, ours, numbers={...}, conditions={...})``; an unknown
+  key or a verdict that does not start with one of :data:`VERDICTS` is an error right there. The
+  claims page lists :data:`CLAIMS` and the verdicts found in the results files, generically:
+  a new chapter's claims appear on it without editing it.
+* **Full-size records.** ``make record-full`` runs the chapters with ``STUDY_SIZE=full`` and
+  ``STAMP_RESULTS=data/results/full`` (tracked in git). The default build shows those recorded
+  headline numbers beside its own (``run.findings()`` at the end of each chapter, and the claims
+  page); :func:`full_record` flags a record as *stale* when the code behind it (the notebook's code
+  cells and every ``stamp_lib`` module the notebook imported, except :data:`PRESENTATION_MODULES`)
+  has changed since it was recorded.
+* :func:`cache_dir` is the ignored folder for dequantized weights and activations
   (``STAMP_CACHE`` overrides it).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
 import json
 import os
 import platform
 import random
+import subprocess
+import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
+from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +58,150 @@ import numpy as np
 
 SIZES = ("small", "full")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FULL_DIR = REPO_ROOT / "data" / "results" / "full"
+# modules that only draw or lay out: editing them cannot change a number, so they are not
+# part of the code hash of a record
+PRESENTATION_MODULES = ("stamp_lib.plotting",)
+TEXT_COLS = 76  # = stamp_lib.plotting.TEXT_COLS (printed lines that fit the book's column)
+VERSIONED_PACKAGES = ("torch", "numpy", "scipy", "transformers", "gguf", "PyWavelets", "matplotlib",
+                      "jupytext", "nbclient")
 
+
+# ---- the claims registry ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper (or open question) that the book tests.
+
+    ``title``: a few words, used in tables. ``claim``: the claim in one or two sentences (MyST
+    Markdown; maths in ``$...$``). ``where``: the paper's figure, table or section. ``paper``:
+    the paper's number(s) for it, or what the paper says when it gives none (from
+    ``shared/paper-notes.md``; never a number the paper does not state). ``chapters``: the
+    notebooks expected to test it.
+    """
+
+    title: str
+    claim: str
+    where: str
+    paper: str
+    chapters: tuple[str, ...] = ()
+
+
+CLAIMS: dict[str, Claim] = {
+    "theorem1_holds": Claim(
+        "Theorem 1 bounds the error",
+        r"For an orthogonal $L$ and per-token min-max quantization without clipping, "
+        r"$\lVert L^{-1}Q(LX)-X\rVert^2 \le \frac d2 \sum_i \lVert l_iX\rVert^2/(2^{b_i}-1)^2$.",
+        "Theorem 1",
+        "a proved bound; the paper reports no measured tightness",
+        ("01_theorem1",),
+    ),
+    "white_noise_no_gain": Claim(
+        "No local correlation, no gain",
+        "A sequence transform helps only where activations are correlated along the sequence; "
+        "on inputs without local structure it gains nothing.",
+        "Sec. 3",
+        "argued (STaMP is not applied to inputs without local structure); no number",
+        ("01_theorem1",),
+    ),
+    "optimal_vs_two_level": Claim(
+        "Log-energy bits vs two levels",
+        r"The allocation that minimises the bound gives row $i$ $\log_2\sqrt{e_i} - C$ bits; the "
+        "experiments use two levels instead (64 rows at 8 bits, the rest at 4).",
+        "Sec. 2, corollary of Theorem 1",
+        "derived, not measured; the two-level rule spends 4.125 bits on average at $s = 2048$",
+        ("01_theorem1",),
+    ),
+    "dct_wht_dwt_close": Claim(
+        "DCT, WHT and DWT alike, far above identity",
+        "DCT, WHT and Haar DWT perform about the same, far better than no sequence transform.",
+        "Fig. 7",
+        "qualitative (no numbers recovered)",
+        ("02_real_activations",),
+    ),
+    "dct_approximates_klt": Claim(
+        "The DCT approximates the KLT",
+        "Sequence autocorrelations are close to Toeplitz, so the DCT approximates the KLT, the "
+        "transform that concentrates energy best.",
+        "Sec. 3",
+        "argued from the Toeplitz structure; not measured",
+        ("02_real_activations",),
+    ),
+    "klt_gap": Claim(
+        "Gap to a calibrated KLT",
+        "How far the best practical transform (DCT, WHT or DWT) is from a KLT calibrated on "
+        "other data, on real activations.",
+        "open question",
+        "not measured",
+        ("02_real_activations",),
+    ),
+    "few_hp_tokens": Claim(
+        "A few 8-bit tokens suffice",
+        "SQNR rises sharply with even a few high-precision tokens.",
+        "Fig. 4b",
+        "qualitative (no numbers recovered)",
+    ),
+    "w4a4kv4_perplexity": Claim(
+        "STaMP lowers LLM perplexity",
+        "At W4A4KV4, adding STaMP lowers WikiText-2 perplexity for every baseline (RTN, "
+        "SmoothQuant, QuaRot, FlatQuant), most on small models.",
+        "Table 2",
+        "Llama-3.2-1B-it: RTN 1795 → 700, SmoothQuant 883 → 407, QuaRot 25.78 → 23.72, "
+        "FlatQuant 15.72 → 15.16 (FP 13.16). Llama-3-8B: RTN 668 → 95.3, QuaRot 9.05 → 8.66, "
+        "FlatQuant 6.89 → 6.77 (FP 6.14). 2048-token windows, 4.125 activation bits on average",
+    ),
+    "lvm_sqnr": Claim(
+        "STaMP raises image-model SQNR",
+        "Image generators at W4A4: adding STaMP raises SQNR (and ImageReward).",
+        "Table 1",
+        "SQNR (dB), PixArt-Σ COCO: RTN 5.88 → 6.16, SVDQuant 8.78 → 9.72; MJHQ: RTN 5.75 → 6.23, "
+        "ViDiT-Q 7.55 → 8.53, SVDQuant 8.83 → 9.75; SANA COCO: RTN 8.63 → 9.32, SVDQuant "
+        "9.99 → 10.69. 4096 tokens, 4.0625 bits on average",
+    ),
+    "feature_sequence_complementary": Claim(
+        "Feature and sequence transforms add up",
+        "A feature (Hadamard) transform and a sequence transform are complementary: both together "
+        "beat either alone.",
+        "Fig. 1",
+        "PixArt-Σ, 4-bit activations, SQNR (dB): none 0.64; one transform 5.00, the other 7.07 "
+        "(most likely STaMP 5.00, Hadamard 7.07); both 11.47",
+    ),
+    "causality": Claim(
+        "Causality",
+        "A sequence transform lets future tokens change the quantization of past ones in a causal "
+        "LM: how much, its effect on perplexity, and whether a causal-safe (block-wise) variant works.",
+        "not discussed",
+        "not discussed in the paper",
+    ),
+}
+
+# A verdict starts with one of these words (longest first), optionally followed by ": ..." or
+# "; ..." saying more.
+VERDICTS = ("partly confirmed", "not confirmed", "confirmed", "refuted", "new")
+
+
+def claim(key: str) -> Claim:
+    """The registered claim ``key``; ``KeyError`` naming the known keys otherwise."""
+    if key not in CLAIMS:
+        raise KeyError(f"unknown claim key {key!r}; registered: {sorted(CLAIMS)}. "
+                       "Register it in stamp_lib.study.CLAIMS (title, claim, where, paper's number).")
+    return CLAIMS[key]
+
+
+def verdict_status(verdict: str) -> str:
+    """The leading word of a verdict (one of :data:`VERDICTS`); ``ValueError`` if there is none."""
+    v = verdict.strip().lower()
+    for word in VERDICTS:
+        if v == word or v.startswith(word + ":") or v.startswith(word + ";") or v.startswith(word + " "):
+            return word
+    raise ValueError(f"a verdict must start with one of {VERDICTS}, got {verdict!r}")
+
+
+class ProseContradicted(AssertionError):
+    """A sentence of the book that the computation no longer supports."""
+
+
+# ---- size, seeds, folders --------------------------------------------------------------------
 
 def size() -> str:
     """The study size from ``STUDY_SIZE`` (``small`` unless set); a bad value is an error."""
@@ -45,7 +217,7 @@ def pick(small: Any, full: Any) -> Any:
 
 
 def seed_everything(seed: int = 0) -> None:
-    """Fix Python, NumPy and torch seeds (and deterministic torch kernels where cheap)."""
+    """Fix Python, NumPy and torch seeds."""
     random.seed(seed)
     np.random.seed(seed)
     try:
@@ -57,6 +229,7 @@ def seed_everything(seed: int = 0) -> None:
 
 
 def results_dir() -> Path:
+    """Where :meth:`Run.save` writes (``STAMP_RESULTS`` or ``<repo>/data/results``), created."""
     d = Path(os.environ.get("STAMP_RESULTS", REPO_ROOT / "data" / "results"))
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -75,21 +248,114 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     if hasattr(v, "tolist"):  # numpy / torch scalars and arrays
-        return v.tolist()
+        return _jsonable(v.tolist())
     if isinstance(v, float) and not np.isfinite(v):
         return str(v)
     return v
 
 
+# ---- provenance and code hashes --------------------------------------------------------------
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def notebook_code_hash(notebook: str | Path) -> str:
+    """sha256 of the code cells of ``notebooks/<notebook>.md`` (or of the MyST file ``notebook``
+    when it is a ``Path``): prose edits do not change it. ``KeyError`` if there is no such file."""
+    path = notebook if isinstance(notebook, Path) else REPO_ROOT / "notebooks" / f"{notebook}.md"
+    if not path.is_file():
+        raise KeyError(f"no notebook {path}")
+    import jupytext
+
+    nb = jupytext.read(path)
+    code = "\n\x00\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    return _sha(code.encode())
+
+
+def code_files(notebook: str, modules: list[str] | None = None) -> dict[str, str]:
+    """The code behind a notebook's numbers: ``{relative path: sha256}``.
+
+    ``notebooks/<nb>.md#code`` (its code cells, if that notebook exists) and the file of every ``stamp_lib`` module in
+    ``modules`` (default: those imported in this process), except :data:`PRESENTATION_MODULES`.
+    """
+    if modules is None:
+        modules = [m for m in sys.modules if m == "stamp_lib" or m.startswith("stamp_lib.")]
+    out = {}
+    try:
+        out[f"notebooks/{notebook}.md#code"] = notebook_code_hash(notebook)
+    except KeyError:  # a run outside the book (a script, a test): no notebook to hash
+        pass
+    for m in sorted(set(modules) - set(PRESENTATION_MODULES)):
+        rel = m.replace(".", "/")
+        path = REPO_ROOT / (rel + "/__init__.py" if m == "stamp_lib" else rel + ".py")
+        if path.is_file():
+            out[str(path.relative_to(REPO_ROOT))] = _sha(path.read_bytes())
+    return out
+
+
+def current_hash(path: str) -> str | None:
+    """The sha256 that :func:`code_files` would give ``path`` now (``None``: it is gone)."""
+    if path.endswith("#code"):
+        try:
+            return notebook_code_hash(Path(path[: -len("#code")]).stem)
+        except KeyError:
+            return None
+    p = REPO_ROOT / path
+    return _sha(p.read_bytes()) if p.is_file() else None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance() -> dict:
+    """Commit (and whether stamp_lib/notebooks differ from it), date, machine, versions."""
+    versions = {"python": platform.python_version()}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            versions[pkg] = _metadata.version(pkg)
+        except _metadata.PackageNotFoundError:
+            pass
+    machine = {"platform": platform.platform(), "arch": platform.machine(), "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        machine["torch_threads"] = torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        mem = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+        machine["memory_gb"] = round(int(mem.split()[1]) / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    status = _git("status", "--porcelain", "--", "stamp_lib", "notebooks")
+    return {
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": None if status is None else bool(status),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine,
+        "versions": versions,
+    }
+
+
+# ---- one run of one notebook -----------------------------------------------------------------
+
 @dataclass
 class Run:
-    """One execution of one notebook: its knobs, its numbers and its verdicts."""
+    """One execution of one notebook: its knobs, numbers, verdicts, glued text and checks."""
 
     notebook: str
     knobs: dict = field(default_factory=dict)
     seed: int = 0
     records: list = field(default_factory=list)
     verdicts: list = field(default_factory=list)
+    glued: dict = field(default_factory=dict)
+    checks: list = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
 
     def record(self, name: str, value: Any, **knobs: Any) -> Any:
@@ -97,50 +363,220 @@ class Run:
         self.records.append({"name": name, "value": _jsonable(value), "knobs": _jsonable(knobs)})
         return value
 
-    def verdict(self, claim: str, paper: str, ours: str, verdict: str, **extra: Any) -> None:
-        """One line of the "paper vs this study" page."""
-        self.verdicts.append(
-            {"claim": claim, "paper": paper, "ours": ours, "verdict": verdict, **_jsonable(extra)}
-        )
+    def verdict(self, key: str, verdict: str, ours: str, *, numbers: dict | None = None,
+                conditions: dict | None = None, detail: str | None = None) -> None:
+        """Attach this run's result to the registered claim ``key`` (see :data:`CLAIMS`).
+
+        ``verdict``: starts with one of :data:`VERDICTS` (e.g. ``"confirmed"``,
+        ``"new: optimal never worse"``). ``ours``: one or two sentences with our numbers (MyST
+        Markdown). ``numbers``: the headline numbers ``{label: float}`` that the claims page and
+        :meth:`findings` compare between this run and the full-size record. ``conditions``: model,
+        sizes, bits (``{name: value}``). ``detail``: optional longer text. Stored in
+        ``self.verdicts``; returns nothing. Raises ``KeyError`` for an unregistered key and
+        ``ValueError`` for a malformed verdict or a repeated key.
+        """
+        c = claim(key)
+        status = verdict_status(verdict)
+        if any(v["key"] == key for v in self.verdicts):
+            raise ValueError(f"{self.notebook}: claim {key!r} already has a verdict in this run")
+        numbers = {str(k): float(v) for k, v in (numbers or {}).items()}
+        v = {"key": key, "claim": c.title, "verdict": verdict, "status": status, "ours": ours,
+             "numbers": numbers, "conditions": _jsonable(conditions or {}), "size": size()}
+        if detail:
+            v["detail"] = detail
+        self.verdicts.append(v)
+
+    def glue(self, name: str, value: Any, fmt: str | None = None) -> None:
+        """Format ``value`` (``fmt``, else :func:`stamp_lib.plotting.num` for numbers), glue it
+        for the prose (``{glue:text}`name```) and keep it in ``self.glued`` for the results file.
+        Returns nothing, so a glue call that ends a cell displays nothing."""
+        if isinstance(value, str):
+            text = value
+        elif fmt is not None:
+            text = format(value, fmt)
+        else:
+            from .plotting import num
+
+            text = num(value)
+        if name in self.glued:
+            raise ValueError(f"glue name {name!r} used twice in {self.notebook}")
+        self.glued[name] = text
+        try:
+            from IPython import get_ipython
+            from myst_nb import glue
+        except ImportError:  # pragma: no cover - the book environment has both
+            return
+        if get_ipython() is not None:
+            glue(name, text, display=False)
+
+    def holds(self, condition: Any, sentence: str) -> None:
+        """Assert a qualitative sentence of the prose; :class:`ProseContradicted` if it is false."""
+        ok = bool(condition)
+        self.checks.append({"sentence": sentence, "holds": ok})
+        if not ok:
+            raise ProseContradicted(f"{self.notebook}: the text says {sentence!r}, which this run "
+                                    "contradicts: fix the text or the code")
+
+    def findings(self):
+        """A table (Markdown) of this run's verdicts beside the full-size record's, for the
+        chapter's "What we found"; see :func:`findings_table`."""
+        return findings_table(self.notebook, self.verdicts, full_record(self.notebook))
 
     def save(self) -> Path:
+        """Write ``<results>/<notebook>.json`` (numbers, verdicts, glue, checks, provenance)."""
         wall = time.perf_counter() - self.t0
         out = results_dir() / f"{self.notebook}.json"
+        files = code_files(self.notebook)
         payload = {
             "notebook": self.notebook,
             "size": size(),
             "seed": self.seed,
             "knobs": _jsonable(self.knobs),
             "wall_time_s": round(wall, 2),
-            "python": platform.python_version(),
+            **provenance(),
+            "code": {"files": files, "hash": _sha(json.dumps(files, sort_keys=True).encode())},
             "simulated": "fake quantization in floating point (no integer kernels)",
             "records": self.records,
             "verdicts": self.verdicts,
+            "glued": self.glued,
+            "checks": self.checks,
         }
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=1, sort_keys=False))
         tmp.replace(out)
-        print(f"[{self.notebook}] wrote {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}"
-              f" ({len(self.records)} numbers, {len(self.verdicts)} verdicts); wall time {wall:.1f} s")
+        where = out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out
+        print(f"[{self.notebook}] {len(self.records)} numbers, {len(self.verdicts)} verdicts, "
+              f"wall time {wall:.1f} s\n  -> {where}")
         return out
 
 
 def start(notebook: str, knobs: dict | None = None, seed: int = 0) -> Run:
-    """Begin a notebook run: fix seeds, print size, knobs and start the wall clock."""
+    """Begin a notebook run: fix seeds, print size and knobs, start the wall clock."""
     seed_everything(seed)
     run = Run(notebook=notebook, knobs=dict(knobs or {}), seed=seed)
     print(f"[{notebook}] STUDY_SIZE={size()} seed={seed}")
     for k, v in run.knobs.items():
-        print(f"  {k} = {v}")
+        print(textwrap.fill(f"{k} = {v}", width=TEXT_COLS, initial_indent="  ", subsequent_indent="      "))
     return run
 
 
-def load_results() -> dict[str, dict]:
-    """All results files, keyed by notebook name (for the claims page)."""
+def load_results(folder: Path | None = None) -> dict[str, dict]:
+    """Every results file of ``folder`` (default :func:`results_dir`), keyed by notebook name."""
     out = {}
-    for p in sorted(results_dir().glob("*.json")):
+    for p in sorted((folder or results_dir()).glob("*.json")):
         try:
             out[p.stem] = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
     return out
+
+
+# ---- full-size records -----------------------------------------------------------------------
+
+@dataclass
+class FullRecord:
+    """A results file recorded at ``STUDY_SIZE=full`` (``data/results/full/<notebook>.json``).
+
+    ``stale`` is true when a file of ``data["code"]["files"]`` has changed (or gone) since;
+    ``changed`` lists them.
+    """
+
+    data: dict
+    stale: bool
+    changed: list
+
+    def verdict(self, key: str) -> dict | None:
+        return next((v for v in self.data.get("verdicts", []) if v.get("key") == key), None)
+
+    def number(self, key: str, label: str) -> float | None:
+        v = self.verdict(key)
+        return None if v is None else v.get("numbers", {}).get(label)
+
+    def when(self) -> str:
+        """One line: date, commit, wall time, machine and whether the record is stale."""
+        d = self.data
+        commit = (d.get("commit") or "?")[:8] + ("+edits" if d.get("dirty") else "")
+        m = d.get("machine", {})
+        line = (f"recorded {str(d.get('date', '?'))[:10]} at commit {commit}, wall time "
+                f"{d.get('wall_time_s', 0) / 60:.0f} min on {m.get('cpus', '?')} CPUs")
+        if self.stale:
+            line += f"; STALE: changed since: {', '.join(self.changed)}"
+        return line
+
+
+def full_dir() -> Path:
+    """Where full-size records are read: ``STAMP_FULL_RESULTS`` or :data:`FULL_DIR`."""
+    return Path(os.environ.get("STAMP_FULL_RESULTS", FULL_DIR))
+
+
+def full_record(notebook: str, folder: Path | None = None) -> FullRecord | None:
+    """The full-size record of ``notebook`` (in ``folder``, default :func:`full_dir`) with its
+    staleness, or ``None`` if none is recorded."""
+    p = (folder or full_dir()) / f"{notebook}.json"
+    if not p.is_file():
+        return None
+    data = json.loads(p.read_text())
+    files = data.get("code", {}).get("files", {})
+    changed = [f for f, h in files.items() if current_hash(f) != h]
+    return FullRecord(data=data, stale=bool(changed) or not files, changed=changed or
+                      ([] if files else ["(no code hash in the record)"]))
+
+
+def full_records(folder: Path | None = None) -> dict[str, FullRecord]:
+    """Every full-size record, keyed by notebook name."""
+    out = {}
+    for p in sorted((folder or full_dir()).glob("*.json")):
+        r = full_record(p.stem, folder)
+        if r is not None:
+            out[p.stem] = r
+    return out
+
+
+def format_conditions(cond: dict) -> str:
+    """``{"s": 256, "bits": "64x8+4"}`` -> ``s = 256, bits 64x8+4`` (for tables and prose)."""
+    parts = []
+    for k, v in cond.items():
+        if isinstance(v, float):
+            from .plotting import num
+
+            v = num(v)
+        elif isinstance(v, (list, tuple)):
+            v = ", ".join(str(x) for x in v)
+        parts.append(f"{k} = {v}" if len(k) <= 2 else f"{k} {v}")
+    return ", ".join(parts)
+
+
+def _numbers_text(v: dict | None) -> str:
+    if v is None:
+        return "not recorded"
+    from .plotting import num
+
+    nums = "; ".join(f"{k}: {num(x)}" for k, x in v.get("numbers", {}).items())
+    return f"**{v['verdict']}**" + (f"; {nums}" if nums else "")
+
+
+def findings_table(notebook: str, verdicts: list[dict], full: FullRecord | None):
+    """Markdown: one row per verdict of this run, its numbers beside the full-size record's, and
+    a line saying the conditions of both (and whether the record is stale)."""
+    from IPython.display import Markdown
+
+    from .plotting import table
+
+    this = size()
+    rows = []
+    for v in verdicts:
+        fv = full.verdict(v["key"]) if full is not None else None
+        rows.append([CLAIMS[v["key"]].title, _numbers_text(v), _numbers_text(fv)])
+    head = ["claim", f"this build ({this})",
+            "full size (recorded)" + (", STALE" if full is not None and full.stale else "")]
+    md = table(head, rows, align="lll").data
+    notes = []
+    if verdicts:
+        notes.append(f"This build: {format_conditions(verdicts[0].get('conditions', {}))}.")
+    if full is None:
+        notes.append(f"No full-size record yet: `make record-full NB={notebook}` writes "
+                     f"`data/results/full/{notebook}.json`.")
+    else:
+        fv0 = next(iter(full.data.get("verdicts", [])), {})
+        notes.append(f"Full size: {format_conditions(fv0.get('conditions', {}))}; {full.when()}.")
+    return Markdown(md + "\n\n" + " ".join(notes))

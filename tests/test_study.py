@@ -1,0 +1,251 @@
+"""The study plumbing and the plotting conventions every chapter relies on.
+
+* claims registry: a bad key or a malformed verdict fails at ``run.verdict``, not only on the
+  claims page; every ``run.verdict("<key>", ...)`` written in a notebook names a registered claim;
+* results files carry provenance and a code hash; a full-size record whose code changed since is
+  stale; the notebook hash ignores prose;
+* glue and prose checks; the findings table;
+* plotting: a figure whose displayed text would be under 8 pt is refused, colours are fixed per
+  name, tables that cannot fit the column are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from stamp_lib import plotting, study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setenv("STAMP_RESULTS", str(tmp_path))
+    monkeypatch.setenv("STUDY_SIZE", "small")
+    return tmp_path
+
+
+# ---- claims registry -------------------------------------------------------------------------
+
+def test_unknown_claim_key_fails_at_verdict(results):
+    run = study.start("01_theorem1")
+    with pytest.raises(KeyError, match="theorem_1_holds.*stamp_lib.study.CLAIMS"):
+        run.verdict("theorem_1_holds", "confirmed", "ratio 0.1")
+    assert run.verdicts == []
+
+
+@pytest.mark.parametrize("verdict, status", [
+    ("confirmed", "confirmed"),
+    ("partly confirmed: on text only", "partly confirmed"),
+    ("not confirmed", "not confirmed"),
+    ("new: optimal never worse", "new"),
+    ("confirmed on most inputs; worse on 3 of 20", "confirmed"),
+    ("Refuted", "refuted"),
+])
+def test_verdict_status(verdict, status):
+    assert study.verdict_status(verdict) == status
+
+
+@pytest.mark.parametrize("bad", ["holds", "confirmedly", "", "ok: confirmed"])
+def test_malformed_verdict_is_refused(results, bad):
+    run = study.start("01_theorem1")
+    with pytest.raises(ValueError, match="must start with one of"):
+        run.verdict("theorem1_holds", bad, "x")
+
+
+def test_verdict_is_stored_with_numbers_and_conditions(results):
+    run = study.start("01_theorem1")
+    run.verdict("theorem1_holds", "confirmed", "worst ratio 0.09", numbers={"worst ratio": 0.0912},
+                conditions={"s": 256, "bits": "64x8+4"})
+    v = run.verdicts[0]
+    assert v["status"] == "confirmed" and v["numbers"] == {"worst ratio": 0.0912} and v["size"] == "small"
+    with pytest.raises(ValueError, match="already has a verdict"):
+        run.verdict("theorem1_holds", "confirmed", "again")
+    data = json.loads(run.save().read_text())
+    assert data["verdicts"][0]["conditions"] == {"s": 256, "bits": "64x8+4"}
+
+
+def test_registry_entries_are_complete():
+    for key, c in study.CLAIMS.items():
+        assert re.fullmatch(r"[a-z0-9_]+", key), key
+        assert c.title and len(c.title) <= 45, (key, c.title)   # fits a table cell
+        assert c.claim and c.where and c.paper, key
+        assert "[" not in c.paper and "'" not in c.paper, f"{key}: no Python lists in the paper text"
+        for ch in c.chapters:
+            assert re.fullmatch(r"\d\d_\w+", ch), ch
+
+
+def test_every_verdict_key_in_the_notebooks_is_registered():
+    """A typo in a chapter's claim key fails here, before any notebook runs."""
+    found = 0
+    for nb in sorted((ROOT / "notebooks").glob("*.md")):
+        for key in re.findall(r"run\.verdict\(\s*[\"']([^\"']+)[\"']", nb.read_text()):
+            found += 1
+            assert key in study.CLAIMS, f"{nb.name}: run.verdict({key!r}) names no registered claim"
+    assert found >= 5
+
+
+# ---- results files, provenance, full records -------------------------------------------------
+
+def test_save_writes_provenance_and_code_hash(results):
+    run = study.start("01_theorem1", knobs={"s": 8})
+    run.record("x", 1.5, s=8)
+    data = json.loads(run.save().read_text())
+    for k in ("commit", "dirty", "date", "machine", "versions", "wall_time_s", "code"):
+        assert k in data, k
+    files = data["code"]["files"]
+    assert "notebooks/01_theorem1.md#code" in files and "stamp_lib/study.py" in files
+    assert "stamp_lib/plotting.py" not in files            # presentation only: not in the hash
+    assert data["versions"]["torch"] and re.match(r"\d{4}-\d\d-\d\dT", data["date"])
+
+
+def test_notebook_hash_ignores_prose(tmp_path):
+    head = "\n".join((ROOT / "notebooks" / "01_theorem1.md").read_text().split("\n")[:13]) + "\n"
+    a, b, c = (tmp_path / f"{n}.md" for n in "abc")
+    a.write_text(head + "# Title\n\nSome prose.\n\n```{code-cell} ipython3\nx = 1\n```\n")
+    b.write_text(head + "# Title\n\nOther prose, longer.\n\n```{code-cell} ipython3\nx = 1\n```\n")
+    c.write_text(head + "# Title\n\nSome prose.\n\n```{code-cell} ipython3\nx = 2\n```\n")
+    ha, hb, hc = (study.notebook_code_hash(p) for p in (a, b, c))
+    assert ha == hb != hc
+
+
+def _record(folder: Path, files: dict) -> None:
+    data = {"notebook": "01_theorem1", "size": "full", "date": "2026-11-30T12:00:00Z", "commit": "abc123",
+            "wall_time_s": 600, "machine": {"cpus": 2}, "code": {"files": files},
+            "verdicts": [{"key": "theorem1_holds", "verdict": "confirmed", "numbers": {"worst ratio": 0.05},
+                          "conditions": {"s": 2048}}]}
+    (folder / "01_theorem1.json").write_text(json.dumps(data))
+
+
+def test_full_record_is_stale_when_its_code_changed(tmp_path):
+    quant = "stamp_lib/quant.py"
+    good = {quant: study.current_hash(quant),
+            "notebooks/01_theorem1.md#code": study.current_hash("notebooks/01_theorem1.md#code")}
+    _record(tmp_path, good)
+    rec = study.full_record("01_theorem1", tmp_path)
+    assert not rec.stale and rec.changed == [] and rec.number("theorem1_holds", "worst ratio") == 0.05
+    assert "STALE" not in rec.when()
+    _record(tmp_path, good | {quant: "0" * 64})
+    rec = study.full_record("01_theorem1", tmp_path)
+    assert rec.stale and rec.changed == [quant] and "STALE" in rec.when()
+    _record(tmp_path, good | {"stamp_lib/gone.py": "0" * 64})
+    assert study.full_record("01_theorem1", tmp_path).changed == ["stamp_lib/gone.py"]
+    assert study.full_record("99_nothing", tmp_path) is None
+
+
+def test_recorded_full_results_are_tracked_by_git():
+    """data/results/*.json is ignored; data/results/full/ must not be."""
+    import subprocess
+
+    out = subprocess.run(["git", "check-ignore", "-q", "data/results/full/01_theorem1.json"], cwd=ROOT)
+    assert out.returncode == 1, "data/results/full/*.json is git-ignored"
+    out = subprocess.run(["git", "check-ignore", "-q", "data/results/01_theorem1.json"], cwd=ROOT)
+    assert out.returncode == 0
+
+
+def test_findings_table_shows_both_sizes(results, tmp_path):
+    run = study.start("01_theorem1")
+    run.verdict("theorem1_holds", "confirmed", "x", numbers={"worst ratio": 0.0912}, conditions={"s": 256})
+    md = study.findings_table("01_theorem1", run.verdicts, None).data
+    assert "Theorem 1 bounds the error" in md and "0.0912" in md and "not recorded" in md
+    assert "make record-full NB=01_theorem1" in md and "s = 256" in md
+    _record(tmp_path, {"stamp_lib/quant.py": "0" * 64})
+    md = study.findings_table("01_theorem1", run.verdicts, study.full_record("01_theorem1", tmp_path)).data
+    assert "0.05" in md and "STALE" in md and "s = 2048" in md
+
+
+# ---- glue and prose checks -------------------------------------------------------------------
+
+def test_glue_formats_and_keeps_the_text(results):
+    run = study.start("01_theorem1")
+    run.glue("a", 0.09123, ".3f")
+    run.glue("b", 12345.6)
+    assert run.glue("c", "five") is None   # nothing to display when a cell ends with it
+    with pytest.raises(ValueError, match="used twice"):
+        run.glue("a", 1.0)
+    assert json.loads(run.save().read_text())["glued"] == {"a": "0.091", "b": "12,346", "c": "five"}
+
+
+def test_holds_raises_when_the_prose_is_contradicted(results):
+    run = study.start("01_theorem1")
+    run.holds(0.05 < 0.1, "more than an order of magnitude of slack")
+    with pytest.raises(study.ProseContradicted, match="order of magnitude"):
+        run.holds(0.5 < 0.1, "more than an order of magnitude of slack, again")
+    assert [c["holds"] for c in run.checks] == [True, False]
+
+
+# ---- plotting conventions --------------------------------------------------------------------
+
+def test_a_column_figure_passes_and_records_its_font():
+    fig, ax = plotting.figure()
+    ax.plot([1, 2], [3, 4], label="dct", **plotting.style("dct"))
+    ax.set(xlabel="k", ylabel="energy", title="title")
+    ax.legend()
+    png, width_px, shown = plotting.render(fig)
+    plt.close(fig)
+    assert width_px <= plotting.COLUMN_PX and shown >= plotting.MIN_PT
+    assert b"stamp:min_font_pt" in png
+
+
+@pytest.mark.parametrize("make", [
+    lambda: plt.subplots(figsize=(14, 3.4))[0],               # shrunk into the column
+    lambda: plotting.figure()[0],                            # column width but a 5-pt label
+])
+def test_too_small_text_is_refused(make):
+    fig = make()
+    ax = fig.axes[0]
+    ax.plot([1, 2], [1, 2])
+    ax.set_title("tiny", fontsize=5 if fig.get_size_inches()[0] < 10 else 9)
+    with pytest.raises(plotting.FigureTooSmall, match="would be displayed at"):
+        plotting.render(fig)
+    plt.close(fig)
+
+
+def test_knob_lines_fit_the_column(results, capsys):
+    study.start("02_real_activations", knobs={"layers": list(range(30)), "parts": [list(range(10))] * 3})
+    assert not plotting.check_lines(capsys.readouterr().out)
+    assert study.TEXT_COLS == plotting.TEXT_COLS
+
+
+def test_displayed_size_follows_the_column():
+    # 9 pt at 200 dpi in a 1300-px PNG shown 650 px wide: 9 * (100/72) * 0.75 = 9.375 pt
+    assert plotting.displayed_pt(9, 1300) == pytest.approx(9.375)
+    # a PNG whose natural width is twice the column is shown at half size
+    assert plotting.displayed_pt(9, 2 * 1352) == pytest.approx(9 * 200 / 72 * 0.25 * 0.75)
+
+
+def test_too_many_panels_are_refused():
+    with pytest.raises(ValueError, match="split|more rows"):
+        plotting.figure(1, 5)
+    with pytest.raises(ValueError):
+        plotting.figure(2, 3, maps=True)
+
+
+def test_colours_are_fixed_per_name():
+    assert plotting.color("DCT") == plotting.color("dct") != plotting.color("wht")
+    assert plotting.style("klt (in-sample)")["ls"] == "--" and plotting.style("klt")["ls"] == "-"
+    with pytest.raises(KeyError, match="plotting.COLORS"):
+        plotting.color("my new transform")
+
+
+def test_tables_fit_the_column_or_are_refused():
+    md = plotting.table(["transform", "energy", "SQNR (dB)"], [["dct", 0.912, "12.3"], ["a|b", "n/a", "-1.5"]]).data
+    lines = md.splitlines()
+    assert lines[1] == "|:--|--:|--:|" and "a\\|b" in md and "0.912" in md
+    with pytest.raises(ValueError, match="columns"):
+        plotting.table([str(i) for i in range(9)], [])
+    with pytest.raises(ValueError, match="px"):
+        plotting.table(["a", "b"], [["x" * 60, "y" * 40]])
+    with pytest.raises(ValueError, match="cells"):
+        plotting.table(["a", "b"], [["x"]])
+
+
+@pytest.mark.parametrize("v, text", [(0.09123, "0.0912"), (12.345, "12.3"), (-0.5, "-0.500"), (1795.2, "1,795"),
+                                     (0, "0"), (None, "n/a"), (float("nan"), "n/a"), (5.0, "5.00")])
+def test_num(v, text):
+    assert plotting.num(v) == text
