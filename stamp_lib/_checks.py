@@ -18,7 +18,7 @@ def as_sequence_tensor(X, what: str = "X", check_finite: bool = True) -> torch.T
             f"along dim -1); got rank {X.dim()} with shape {tuple(X.shape)}"
         )
     if not X.is_floating_point():
-        raise TypeError(f"{what} must be a floating tensor (float32/float64), got {X.dtype}")
+        raise TypeError(f"{what} must be a floating tensor (float16/bfloat16/float32/float64), got {X.dtype}")
     if X.shape[-2] == 0 or X.shape[-1] == 0:
         raise ValueError(f"{what} is empty: shape {tuple(X.shape)}")
     # one fast reduction first; the exact count only when something is wrong

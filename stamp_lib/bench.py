@@ -18,16 +18,20 @@ side by side in one run, so they move less than the times; run it a few times an
 median.
 
 ``python -m stamp_lib.bench capture`` runs the activation-capture benchmark
-(:func:`stamp_lib.capture.capture_benchmark`).
+(:func:`capture_benchmark`); ``python -m stamp_lib.bench llm`` times a SmolLM2 forward over 2048
+tokens in full precision against W4A4KV4 and W4A4KV4 + STaMP (:func:`llm_benchmark`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -137,9 +141,182 @@ def print_transform_table(res: dict) -> None:
     res["targets"] = {label: bool(ok) for label, ok in checks}
 
 
+# ----------------------------------------------------------------------------- memory
+class PeakRSS:
+    """Context manager sampling this process's resident memory every ``interval`` s in a thread;
+    ``.peak`` and ``.start`` in bytes (psutil if installed, else /proc/self/statm)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self.start = interval, 0, 0
+        try:
+            import psutil
+
+            proc = psutil.Process()
+            self._rss = lambda: proc.memory_info().rss
+        except ImportError:
+            page = os.sysconf("SC_PAGE_SIZE")
+            self._rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+# ----------------------------------------------------------------------------- capture
+def capture_benchmark(n_windows: int | None = None, seq_len: int | None = None, store_dtype=torch.float16,
+                      out_dir: str | os.PathLike | None = None, keep_files: bool = False,
+                      rss_budget_mb: float = 256.0, threads: int | None = None) -> dict:
+    """Capture the inputs of all linear layers of SmolLM2 (dedup, ``store_dtype`` on disk) over
+    ``n_windows`` evaluation windows of ``seq_len`` tokens, next to plain forwards of the same
+    windows (forward, capture, forward again; the capture is compared with the mean of the two
+    forwards). Issue targets: time ratio <= 3 and peak RSS of the capture <= peak RSS of the
+    forward + ``rss_budget_mb`` (the activations stream to disk, so RAM must not grow with them).
+    RSS is sampled every 5 ms; freed memory is not handed back to the OS between phases, so the
+    capture's extra RSS is what it needs beyond the forward's high-water mark.
+    Defaults: 8 x 2048 tokens (``STUDY_SIZE=small`` too; it is a benchmark). ``threads`` sets
+    ``torch.set_num_threads`` for the run (on a shared 2-core machine 1 thread avoids
+    oversubscription). Returns the numbers."""
+    n_windows = n_windows or 8
+    seq_len = seq_len or 2048
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _capture_benchmark(n_windows, seq_len, store_dtype, out_dir, keep_files, rss_budget_mb)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _capture_benchmark(n_windows, seq_len, store_dtype, out_dir, keep_files, rss_budget_mb) -> dict:
+    import shutil
+    import tempfile
+
+    from . import models, study, text
+    from .capture import capture_bytes, capture_inputs
+
+    t0 = time.perf_counter()
+    model, tok = models.load_smollm2()
+    load_s = time.perf_counter() - t0
+    _, eval_articles = text.wiki_split()
+    windows = text.token_windows(tok, eval_articles, seq_len, n_windows)
+    expected = capture_bytes(model, "*", windows.numel(), torch.finfo(store_dtype).bits // 8, dedup=True)
+    expected_nodedup = capture_bytes(model, "*", windows.numel(), torch.finfo(store_dtype).bits // 8, dedup=False)
+    with torch.no_grad():
+        model(windows[:1, :128])  # warm-up
+
+    def plain():
+        with PeakRSS() as mem, torch.no_grad():
+            c0, w0 = time.process_time(), time.perf_counter()
+            for w in windows:
+                model(w[None])
+            return time.perf_counter() - w0, time.process_time() - c0, mem
+
+    f1_s, f1_cpu, f1_mem = plain()
+    tmp = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="capture-bench-", dir=study.cache_dir("bench")))
+    try:
+        with PeakRSS() as cap_mem:
+            c0, w0 = time.process_time(), time.perf_counter()
+            res = capture_inputs(model, windows, "*", dedup=True, keep=False, out_dir=tmp, store_dtype=store_dtype)
+            cap_s, cap_cpu = time.perf_counter() - w0, time.process_time() - c0
+        on_disk = res.store.nbytes()
+        n_captured = len(res.store.tensors)
+    finally:
+        if not keep_files and not out_dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+    f2_s, f2_cpu, f2_mem = plain()
+    fwd_s, fwd_cpu = (f1_s + f2_s) / 2, (f1_cpu + f2_cpu) / 2
+    fwd_peak = max(f1_mem.peak, f2_mem.peak)
+    mb = 1 / 2**20
+    out = {
+        "model": "SmolLM2-135M-Instruct (dequantized Q4_1, float32)", "n_windows": n_windows, "seq_len": seq_len,
+        "tokens": windows.numel(), "modules": len(res.names), "captured_modules": n_captured,
+        "aliases": len(res.aliases), "store_dtype": str(store_dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(), "load_s": round(load_s, 2),
+        "forward_s": round(fwd_s, 2), "forward_s_runs": [round(f1_s, 2), round(f2_s, 2)], "capture_s": round(cap_s, 2),
+        "time_ratio": round(cap_s / fwd_s, 3), "cpu_time_ratio": round(cap_cpu / fwd_cpu, 3),
+        "forward_peak_rss_mb": round(fwd_peak * mb, 1), "capture_peak_rss_mb": round(cap_mem.peak * mb, 1),
+        "capture_extra_rss_mb": round((cap_mem.peak - fwd_peak) * mb, 1), "rss_budget_mb": rss_budget_mb,
+        "disk_mb": round(on_disk * mb, 1), "expected_disk_mb": round(expected * mb, 1),
+        "disk_mb_without_dedup": round(expected_nodedup * mb, 1),
+    }
+    out["time_ok"] = out["time_ratio"] <= 3.0
+    out["memory_ok"] = out["capture_extra_rss_mb"] <= rss_budget_mb
+    print(f"capture benchmark: {n_windows} x {seq_len} tokens, {out['modules']} linears "
+          f"({n_captured} distinct inputs, {out['aliases']} aliases), {out['store_dtype']} on disk, "
+          f"{out['torch_threads']} torch threads")
+    print(f"  plain forward {fwd_s:.1f} s (runs {f1_s:.1f}, {f2_s:.1f}); capture {cap_s:.1f} s; "
+          f"time ratio {out['time_ratio']:.2f} (target <= 3: {'ok' if out['time_ok'] else 'MISSED'}); "
+          f"CPU-time ratio {out['cpu_time_ratio']:.2f}")
+    print(f"  peak RSS forward {out['forward_peak_rss_mb']:.0f} MB, capture {out['capture_peak_rss_mb']:.0f} MB "
+          f"(+{out['capture_extra_rss_mb']:.0f} MB, budget +{rss_budget_mb:.0f} MB: "
+          f"{'ok' if out['memory_ok'] else 'MISSED'}); on disk {out['disk_mb']:.0f} MB "
+          f"(expected {out['expected_disk_mb']:.0f} MB; {out['disk_mb_without_dedup']:.0f} MB without dedup)")
+    return out
+
+
+# ----------------------------------------------------------------------------- LLM forward
+def llm_benchmark(seq_len: int = 2048, repeats: int = 3) -> dict:
+    """Forward time and peak memory over ``seq_len`` tokens of SmolLM2: FP vs W4A4KV4 (RTN) vs
+    W4A4KV4 + STaMP-DWT (3 levels) vs + STaMP-DCT, measured side by side in one run (interleaved,
+    median of ``repeats``). Targets (issue): DWT <= 1.5x FP time, DCT <= 2x, peak memory <= 1.5x."""
+    from . import models, text
+    from . import recipe as rcp
+    from .llm import llm_recipe
+
+    model, tok = models.load_smollm2()
+    ids = text.token_windows(tok, text.wiki_split()[1], seq_len, 1)
+    configs = {"fp": llm_recipe("fp"), "rtn W4A4KV4": llm_recipe("rtn"),
+               "rtn W4A4KV4 + stamp dwt": llm_recipe("rtn", stamp="dwt"),
+               "rtn W4A4KV4 + stamp dct": llm_recipe("rtn", stamp="dct")}
+    preps = {k: rcp.prepare(model, r, progress=False) for k, r in configs.items()}
+    times = {k: [] for k in configs}
+    mem = {}
+    try:  # hand freed memory back to the OS between runs, so that RSS peaks are comparable
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        trim = lambda _: None  # noqa: E731
+    with torch.no_grad():
+        model(ids[:, :128])
+        for _ in range(repeats):
+            for k, r in configs.items():
+                with rcp.apply(model, r, preps[k]):
+                    trim(0)
+                    with PeakRSS() as m:
+                        t = time.perf_counter()
+                        model(ids)
+                        times[k].append(time.perf_counter() - t)
+                    mem[k] = max(mem.get(k, 0), m.peak - m.start)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    out = {"seq_len": seq_len, "threads": torch.get_num_threads(), "seconds": med,
+           "time_ratio": {k: med[k] / med["fp"] for k in med},
+           "extra_rss_mb": {k: v / 2**20 for k, v in mem.items()}}
+    print(f"LLM forward benchmark: SmolLM2-135M, {seq_len} tokens, {out['threads']} threads, median of {repeats}")
+    for k in configs:
+        print(f"  {k:28s} {med[k]:7.2f} s  x{out['time_ratio'][k]:.2f} FP   peak extra RSS {out['extra_rss_mb'][k]:7.0f} MB")
+    for k, target in (("rtn W4A4KV4 + stamp dwt", 1.5), ("rtn W4A4KV4 + stamp dct", 2.0)):
+        ok = out["time_ratio"][k] <= target
+        print(f"  target {k} <= {target}x FP: {'met' if ok else 'MISSED'}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="transforms", choices=["transforms", "capture"])
+    p.add_argument("what", nargs="?", default="transforms", choices=["transforms", "capture", "llm"])
     p.add_argument("--s", type=int, default=4096)
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=5)
@@ -148,9 +325,9 @@ def main(argv=None) -> int:
     if a.what == "transforms":
         res = transform_benchmark(a.s, a.d, a.repeat)
         print_transform_table(res)
+    elif a.what == "llm":
+        res = llm_benchmark()
     else:
-        from .capture import capture_benchmark
-
         res = capture_benchmark()
     if a.json:
         with open(a.json, "w") as f:

@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,39 +326,6 @@ def capture_inputs(model: nn.Module, inputs, patterns="*", *, batch_size: int = 
 
 
 # ----------------------------------------------------------------------------- benchmark
-class PeakRSS:
-    """Context manager sampling this process's resident memory every ``interval`` s in a thread;
-    ``.peak`` and ``.start`` in bytes (psutil if installed, else /proc/self/statm)."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self.start = interval, 0, 0
-        try:
-            import psutil
-
-            proc = psutil.Process()
-            self._rss = lambda: proc.memory_info().rss
-        except ImportError:
-            page = os.sysconf("SC_PAGE_SIZE")
-            self._rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
-
-
 def capture_bytes(model: nn.Module, patterns="*", n_tokens: int = 1, bytes_per_value: int = 2, dedup: bool = True) -> int:
     """Size of the captured inputs of ``n_tokens`` tokens, computed from the selected modules'
     ``in_features``; with ``dedup`` the q/k/v-style groups are found by one probe forward of 2 tokens."""
@@ -372,93 +338,3 @@ def capture_bytes(model: nn.Module, patterns="*", n_tokens: int = 1, bytes_per_v
                 model(torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))
         names = [n for n in names if n not in h.aliases]
     return n_tokens * bytes_per_value * sum(mods[n].in_features for n in names)
-
-
-def capture_benchmark(n_windows: int | None = None, seq_len: int | None = None, store_dtype=torch.float16,
-                      out_dir: str | os.PathLike | None = None, keep_files: bool = False,
-                      rss_budget_mb: float = 256.0, threads: int | None = None) -> dict:
-    """Capture the inputs of all linear layers of SmolLM2 (dedup, ``store_dtype`` on disk) over
-    ``n_windows`` evaluation windows of ``seq_len`` tokens, next to plain forwards of the same
-    windows (forward, capture, forward again; the capture is compared with the mean of the two
-    forwards). Issue targets: time ratio <= 3 and peak RSS of the capture <= peak RSS of the
-    forward + ``rss_budget_mb`` (the activations stream to disk, so RAM must not grow with them).
-    RSS is sampled every 5 ms; freed memory is not handed back to the OS between phases, so the
-    capture's extra RSS is what it needs beyond the forward's high-water mark.
-    Defaults: 8 x 2048 tokens (``STUDY_SIZE=small`` too; it is a benchmark). ``threads`` sets
-    ``torch.set_num_threads`` for the run (on a shared 2-core machine 1 thread avoids
-    oversubscription). Returns the numbers."""
-    n_windows = n_windows or 8
-    seq_len = seq_len or 2048
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _capture_benchmark(n_windows, seq_len, store_dtype, out_dir, keep_files, rss_budget_mb)
-    finally:
-        torch.set_num_threads(old_threads)
-
-
-def _capture_benchmark(n_windows, seq_len, store_dtype, out_dir, keep_files, rss_budget_mb) -> dict:
-    import shutil
-    import tempfile
-
-    from . import models, study, text
-
-    t0 = time.perf_counter()
-    model, tok = models.load_smollm2()
-    load_s = time.perf_counter() - t0
-    _, eval_articles = text.wiki_split()
-    windows = text.token_windows(tok, eval_articles, seq_len, n_windows)
-    expected = capture_bytes(model, "*", windows.numel(), torch.finfo(store_dtype).bits // 8, dedup=True)
-    expected_nodedup = capture_bytes(model, "*", windows.numel(), torch.finfo(store_dtype).bits // 8, dedup=False)
-    with torch.no_grad():
-        model(windows[:1, :128])  # warm-up
-
-    def plain():
-        with PeakRSS() as mem, torch.no_grad():
-            c0, w0 = time.process_time(), time.perf_counter()
-            for w in windows:
-                model(w[None])
-            return time.perf_counter() - w0, time.process_time() - c0, mem
-
-    f1_s, f1_cpu, f1_mem = plain()
-    tmp = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="capture-bench-", dir=study.cache_dir("bench")))
-    try:
-        with PeakRSS() as cap_mem:
-            c0, w0 = time.process_time(), time.perf_counter()
-            res = capture_inputs(model, windows, "*", dedup=True, keep=False, out_dir=tmp, store_dtype=store_dtype)
-            cap_s, cap_cpu = time.perf_counter() - w0, time.process_time() - c0
-        on_disk = res.store.nbytes()
-        n_captured = len(res.store.tensors)
-    finally:
-        if not keep_files and not out_dir:
-            shutil.rmtree(tmp, ignore_errors=True)
-    f2_s, f2_cpu, f2_mem = plain()
-    fwd_s, fwd_cpu = (f1_s + f2_s) / 2, (f1_cpu + f2_cpu) / 2
-    fwd_peak = max(f1_mem.peak, f2_mem.peak)
-    mb = 1 / 2**20
-    out = {
-        "model": "SmolLM2-135M-Instruct (dequantized Q4_1, float32)", "n_windows": n_windows, "seq_len": seq_len,
-        "tokens": windows.numel(), "modules": len(res.names), "captured_modules": n_captured,
-        "aliases": len(res.aliases), "store_dtype": str(store_dtype).replace("torch.", ""),
-        "torch_threads": torch.get_num_threads(), "load_s": round(load_s, 2),
-        "forward_s": round(fwd_s, 2), "forward_s_runs": [round(f1_s, 2), round(f2_s, 2)], "capture_s": round(cap_s, 2),
-        "time_ratio": round(cap_s / fwd_s, 3), "cpu_time_ratio": round(cap_cpu / fwd_cpu, 3),
-        "forward_peak_rss_mb": round(fwd_peak * mb, 1), "capture_peak_rss_mb": round(cap_mem.peak * mb, 1),
-        "capture_extra_rss_mb": round((cap_mem.peak - fwd_peak) * mb, 1), "rss_budget_mb": rss_budget_mb,
-        "disk_mb": round(on_disk * mb, 1), "expected_disk_mb": round(expected * mb, 1),
-        "disk_mb_without_dedup": round(expected_nodedup * mb, 1),
-    }
-    out["time_ok"] = out["time_ratio"] <= 3.0
-    out["memory_ok"] = out["capture_extra_rss_mb"] <= rss_budget_mb
-    print(f"capture benchmark: {n_windows} x {seq_len} tokens, {out['modules']} linears "
-          f"({n_captured} distinct inputs, {out['aliases']} aliases), {out['store_dtype']} on disk, "
-          f"{out['torch_threads']} torch threads")
-    print(f"  plain forward {fwd_s:.1f} s (runs {f1_s:.1f}, {f2_s:.1f}); capture {cap_s:.1f} s; "
-          f"time ratio {out['time_ratio']:.2f} (target <= 3: {'ok' if out['time_ok'] else 'MISSED'}); "
-          f"CPU-time ratio {out['cpu_time_ratio']:.2f}")
-    print(f"  peak RSS forward {out['forward_peak_rss_mb']:.0f} MB, capture {out['capture_peak_rss_mb']:.0f} MB "
-          f"(+{out['capture_extra_rss_mb']:.0f} MB, budget +{rss_budget_mb:.0f} MB: "
-          f"{'ok' if out['memory_ok'] else 'MISSED'}); on disk {out['disk_mb']:.0f} MB "
-          f"(expected {out['expected_disk_mb']:.0f} MB; {out['disk_mb_without_dedup']:.0f} MB without dedup)")
-    return out

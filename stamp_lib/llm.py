@@ -35,7 +35,8 @@ Command line (one table cell)::
 
     python -m stamp_lib.llm --model smollm2-135m --method quarot --weights gptq --stamp dwt --kv-bits 4 --windows 8
     python -m stamp_lib.llm --model meta-llama/Meta-Llama-3-8B --device-map auto --method rtn --stamp dwt
-    python -m stamp_lib.llm bench      # speed and memory of a W4A4KV4 (+ STaMP) forward vs FP
+
+The forward-speed benchmark is ``python -m stamp_lib.bench llm``.
 
 Quantization is simulated (fake quantization in floating point).
 """
@@ -301,8 +302,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        return benchmark(*[int(a) for a in argv[1:2]])
     a = _parser().parse_args(argv)
     from . import study
 
@@ -330,51 +329,6 @@ def main(argv=None) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
-    return out
-
-
-# ----------------------------------------------------------------------------- benchmark
-def benchmark(seq_len: int = 2048, repeats: int = 3) -> dict:
-    """Forward time and peak memory over ``seq_len`` tokens of SmolLM2: FP vs W4A4KV4 (RTN) vs
-    W4A4KV4 + STaMP-DWT (3 levels) vs + STaMP-DCT, measured side by side in one run (interleaved,
-    median of ``repeats``). Targets (issue): DWT <= 1.5x FP time, DCT <= 2x, peak memory <= 1.5x."""
-    from . import capture, models, text
-
-    model, tok = models.load_smollm2()
-    ids = text.token_windows(tok, text.wiki_split()[1], seq_len, 1)
-    configs = {"fp": llm_recipe("fp"), "rtn W4A4KV4": llm_recipe("rtn"),
-               "rtn W4A4KV4 + stamp dwt": llm_recipe("rtn", stamp="dwt"),
-               "rtn W4A4KV4 + stamp dct": llm_recipe("rtn", stamp="dct")}
-    preps = {k: rcp.prepare(model, r, progress=False) for k, r in configs.items()}
-    times = {k: [] for k in configs}
-    mem = {}
-    try:  # hand freed memory back to the OS between runs, so that RSS peaks are comparable
-        import ctypes
-
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        trim = lambda _: None  # noqa: E731
-    with torch.no_grad():
-        model(ids[:, :128])
-        for _ in range(repeats):
-            for k, r in configs.items():
-                with rcp.apply(model, r, preps[k]):
-                    trim(0)
-                    with capture.PeakRSS() as m:
-                        t = time.perf_counter()
-                        model(ids)
-                        times[k].append(time.perf_counter() - t)
-                    mem[k] = max(mem.get(k, 0), m.peak - m.start)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    out = {"seq_len": seq_len, "threads": torch.get_num_threads(), "seconds": med,
-           "time_ratio": {k: med[k] / med["fp"] for k in med},
-           "extra_rss_mb": {k: v / 2**20 for k, v in mem.items()}}
-    print(f"LLM forward benchmark: SmolLM2-135M, {seq_len} tokens, {out['threads']} threads, median of {repeats}")
-    for k in configs:
-        print(f"  {k:28s} {med[k]:7.2f} s  x{out['time_ratio'][k]:.2f} FP   peak extra RSS {out['extra_rss_mb'][k]:7.0f} MB")
-    for k, target in (("rtn W4A4KV4 + stamp dwt", 1.5), ("rtn W4A4KV4 + stamp dct", 2.0)):
-        ok = out["time_ratio"][k] <= target
-        print(f"  target {k} <= {target}x FP: {'met' if ok else 'MISSED'}")
     return out
 
 

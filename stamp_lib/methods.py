@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import quant
+from . import quant, transforms
 from .features import Rotation, Scale
 
 __all__ = [
@@ -289,16 +289,6 @@ def _kron_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
     return y.reshape(*lead, n)
 
 
-def _pow2_radices(p: int) -> list[int]:
-    k = p.bit_length() - 1
-    out = []
-    while k > 0:
-        r = min(4, k)
-        out.append(1 << r)
-        k -= r
-    return out
-
-
 class HadamardRotation(Rotation):
     r"""QuaRot-style feature rotation :math:`R = D H / \sqrt n` (:class:`features.Rotation`).
 
@@ -349,7 +339,7 @@ class HadamardRotation(Rotation):
     def _factors(self, dtype, device, transpose: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         key = (dtype, str(device), transpose)
         if key not in self._cache:
-            fs = [_sylvester_small(r, dtype, str(device)) for r in _pow2_radices(self.plan.p)]
+            fs = [_sylvester_small(r, dtype, str(device)) for r in transforms.pow2_radices(self.plan.p)]
             if self.plan.m > 1:
                 A = self._A if transpose else self._A.T  # x H contracts with A^T, x H^T with A
                 fs.insert(0, A.to(dtype=dtype, device=device).contiguous())

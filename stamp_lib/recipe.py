@@ -36,7 +36,6 @@ inputs are checked on CPU tensors (free there) and on CUDA only with ``check_fin
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable

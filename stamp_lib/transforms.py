@@ -359,18 +359,25 @@ def _sylvester(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return H.to(dtype=dtype, device=device)
 
 
+def pow2_radices(n: int) -> list[int]:
+    """Radices (each <= 16) whose product is the power of two ``n``: how the Walsh-Hadamard
+    butterflies are grouped into small dense Sylvester factors (also used by methods.py)."""
+    m = n.bit_length() - 1
+    radices = []
+    while m > 0:
+        r = min(4, m)
+        radices.append(1 << r)
+        m -= r
+    return radices
+
+
 def _fwht_natural(X: torch.Tensor, scale: float = 1.0, fresh: bool = False) -> torch.Tensor:
     """``scale`` times the Walsh-Hadamard transform (Sylvester order) along dim -2, radix-16.
 
     ``s = 2^m`` is factored as a product of radices r_j <= 16; each stage contracts one axis of
     the (..., r_1, ..., r_J, d) view with the small Sylvester matrix H_r (a batched matmul)."""
     s, d = X.shape[-2], X.shape[-1]
-    m = s.bit_length() - 1
-    radices = []
-    while m > 0:
-        r = min(4, m)
-        radices.append(1 << r)
-        m -= r
+    radices = pow2_radices(s)
     lead = X.shape[:-2]
     batch = math.prod(lead)
     Y = X

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from stamp_lib import capture
+from stamp_lib import bench, capture
 
 
 class Tiny(nn.Module):
@@ -235,6 +235,6 @@ def test_smollm2_all_linears_and_autocorrelation(smollm2):
 
 @pytest.mark.models
 def test_capture_benchmark_smoke(tmp_path):
-    out = capture.capture_benchmark(n_windows=1, seq_len=64, out_dir=tmp_path, threads=1)
+    out = bench.capture_benchmark(n_windows=1, seq_len=64, out_dir=tmp_path, threads=1)
     assert out["captured_modules"] == 121 and out["disk_mb"] == out["expected_disk_mb"]
     assert out["time_ratio"] > 0 and out["forward_peak_rss_mb"] > 100
