@@ -150,6 +150,23 @@ CLAIMS: dict[str, Claim] = {
         "FlatQuant 15.72 → 15.16 (FP 13.16). Llama-3-8B: RTN 668 → 95.3, QuaRot 9.05 → 8.66, "
         "FlatQuant 6.89 → 6.77 (FP 6.14). 2048-token windows, 4.125 activation bits on average",
     ),
+    "llm_gain_where_worst": Claim(
+        "LLM gains largest where the baseline is worst",
+        "STaMP's perplexity gain is largest where the baseline is worst (small models, RTN), "
+        "smallest where rotations already keep the model close to full precision.",
+        "Table 2",
+        "Llama-3.2-1B-it RTN 1795 → 700 vs QuaRot 25.78 → 23.72; Llama-3-8B RTN 668 → 95.3 vs "
+        "QuaRot 9.05 → 8.66",
+        ("03_llm",),
+    ),
+    "llm_levels": Claim(
+        "Haar levels and STaMP on K/V (LLM)",
+        "How many Haar levels to use on 2048 tokens with 64 high-precision rows, and whether keys and "
+        "values should get the sequence transform too.",
+        "not stated (the overhead study uses 3 levels)",
+        "not stated",
+        ("03_llm",),
+    ),
     "lvm_sqnr": Claim(
         "STaMP raises image-model SQNR",
         "Image generators at W4A4: adding STaMP raises SQNR (and ImageReward).",
