@@ -569,7 +569,7 @@ def _numbers_text(v: dict | None) -> str:
     from .plotting import num
 
     nums = "; ".join(f"{k}: {num(x)}" for k, x in v.get("numbers", {}).items())
-    return f"**{v['verdict']}**" + (f"; {nums}" if nums else "")
+    return f"**{v.get('status') or v['verdict']}**" + (f"; {nums}" if nums else "")
 
 
 def findings_table(notebook: str, verdicts: list[dict], full: FullRecord | None):
