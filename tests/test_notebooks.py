@@ -5,6 +5,11 @@
   in the book build), STUDY_SIZE from the environment (``small`` by default, see conftest.py).
   Sorted by name, so ``99_claims`` runs after the chapters whose results it summarises. A failing
   cell fails the test with the notebook, the cell number, its source and the error.
+  Its outputs must fit the book's column: printed lines of at most ``plotting.TEXT_COLS``
+  characters, and every figure drawn by ``plotting.show`` (which refuses illegible ones).
+* ``test_notebook_source_conventions``: static checks of every notebook (no code cell longer
+  than a screen, visible code lines within the column, no "(printed above)" in the prose, no
+  ``plt.show()``). A ``{glue:text}`` name that is never glued fails the book build (-W).
 * ``test_executor_*`` and ``test_book_build_*`` run a throwaway notebook with a deliberately
   raising cell (in ``tmp_path``, never in the book) and check that the executor and a tiny book
   built with the real ``book/_config.yml`` both fail on it, while a sound notebook next to it
@@ -29,7 +34,27 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.md"))  # 99_claims last
 CELL_TIMEOUT = 1800  # seconds per cell, as execute.timeout in book/_config.yml
+MAX_CELL_LINES = 30  # a code cell fits on a screen
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+HIDDEN = {"hide-input", "remove-input", "remove-cell", "hide-cell"}
+
+
+def output_offences(nb) -> list[str]:
+    """Outputs of an executed notebook that would not fit the book's column."""
+    import base64
+
+    from stamp_lib import plotting
+
+    bad = []
+    for k, cell in enumerate([c for c in nb.cells if c.cell_type == "code"], 1):
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream" and o.get("name") == "stdout":
+                bad += [f"code cell {k}: printed line of {len(ln)} > {plotting.TEXT_COLS} characters: {ln[:50]!r}"
+                        for ln in plotting.check_lines(_ANSI.sub("", o["text"]))]
+            png = o.get("data", {}).get("image/png")
+            if png and b"stamp:min_font_pt" not in base64.b64decode(png):
+                bad.append(f"code cell {k}: a figure not drawn with stamp_lib.plotting.show")
+    return bad
 
 
 class NotebookFailed(AssertionError):
@@ -72,9 +97,36 @@ def execute(path: Path, cwd: Path | None = None, timeout: int = CELL_TIMEOUT):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook(path: Path):
     try:
-        execute(path, cwd=ROOT / "notebooks")
+        nb = execute(path, cwd=ROOT / "notebooks")
     except NotebookFailed as exc:
         pytest.fail(str(exc), pytrace=False)
+    bad = output_offences(nb)
+    assert not bad, f"{path.name}: outputs wider than the book's column:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_source_conventions(path: Path):
+    """Fast, no kernel: the conventions of stamp_lib/plotting.py and stamp_lib/study.py."""
+    import jupytext
+
+    from stamp_lib import plotting
+
+    nb = jupytext.read(path)
+    text = path.read_text()
+    bad = []
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for k, cell in enumerate(code, 1):
+        lines = cell.source.splitlines()
+        if len(lines) > MAX_CELL_LINES:
+            bad.append(f"code cell {k} has {len(lines)} lines (at most {MAX_CELL_LINES}: split it)")
+        if not HIDDEN & set(cell.metadata.get("tags", [])):
+            bad += [f"code cell {k}: visible line of {len(ln)} > {plotting.TEXT_COLS} characters: {ln.strip()[:40]!r}"
+                    for ln in lines if len(ln) > plotting.TEXT_COLS]
+        if "plt.show()" in cell.source:
+            bad.append(f"code cell {k}: plt.show(); use plotting.show(fig)")
+    if re.search(r"printed (above|below)", text):
+        bad.append('the prose refers to "printed" output: glue the number instead')
+    assert not bad, f"{path.name}:\n" + "\n".join(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +207,7 @@ def test_book_build_fails_on_a_failing_cell(tmp_path):
     nbs.mkdir()
     shutil.copy(ROOT / "book" / "_config.yml", book)
     shutil.copy(ROOT / "book" / "references.bib", book)
+    shutil.copytree(ROOT / "book" / "_ext", book / "_ext")
     (book / "_static").symlink_to(static, target_is_directory=True)
     (book / "intro.md").write_text("# Tiny book\n\nA throwaway book built by the test suite.\n")
     toc = {"format": "jb-book", "root": "book/intro",
@@ -193,33 +246,45 @@ def test_book_build_fails_on_a_failing_cell(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The claims page matches verdicts to claims by key and flags unknown keys.
+# The claims page reads the registry and the results files generically.
 
-def _html_outputs(nb) -> str:
-    return "\n".join(o.get("data", {}).get("text/html", "") + o.get("text", "")
-                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+def _outputs(nb) -> str:
+    return "\n".join(o.get("data", {}).get("text/markdown", "") + o.get("data", {}).get("text/html", "")
+                     + o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
 @pytest.mark.notebook
-def test_claims_page_matches_verdicts_by_key(tmp_path, monkeypatch):
+def test_claims_page_shows_both_sizes_and_every_registered_claim(tmp_path, monkeypatch):
+    import json
+
     from stamp_lib import study
 
-    monkeypatch.setenv("STAMP_RESULTS", str(tmp_path))
+    small, full = tmp_path / "small", tmp_path / "full"
+    monkeypatch.setenv("STAMP_RESULTS", str(small))
+    monkeypatch.setenv("STAMP_FULL_RESULTS", str(full))
+    monkeypatch.setenv("STUDY_SIZE", "small")
+    run = study.start("01_theorem1")
+    run.verdict("theorem1_holds", "confirmed: holds-7319", "worst ratio 0.0731",
+                numbers={"worst ratio": 0.0731}, conditions={"s": 256, "avg bits": 5.0})
+    run.save()
+    monkeypatch.setenv("STAMP_RESULTS", str(full))
     monkeypatch.setenv("STUDY_SIZE", "full")
     run = study.start("01_theorem1")
-    run.verdict("the bound holds", "<= bound", "ratio 0.5", "holds-7319", key="theorem1_holds")
-    run.verdict("dct_wht_dwt_close", "same", "same", "holds-2288")  # the key given as claim
-    run.verdict("a finding of ours", "-", "3", "new-5512")  # no key: listed among all verdicts
+    run.verdict("theorem1_holds", "confirmed: full-2288", "worst ratio 0.0422", conditions={"s": 2048})
     run.save()
+    rec = json.loads((full / "01_theorem1.json").read_text())
+    rec["code"]["files"]["stamp_lib/quant.py"] = "0" * 64      # its code changed since: stale
+    (full / "01_theorem1.json").write_text(json.dumps(rec))
+    monkeypatch.setenv("STAMP_RESULTS", str(small))
     page = ROOT / "notebooks" / "99_claims.md"
-    out = _html_outputs(execute(page, cwd=ROOT / "notebooks"))
-    td = '<td style="vertical-align: top">'
-    assert f"{td}holds-7319 (01_theorem1, full)</td>" in out
-    assert f"{td}holds-2288 (01_theorem1, full)</td>" in out
-    assert f"{td}new-5512</td>" in out and "2 of " in out and "not tested yet" in out
+    out = _outputs(execute(page, cwd=ROOT / "notebooks"))
+    assert "**confirmed: holds-7319**: worst ratio 0.0731 (s = 256, avg bits 5; chapter 01_theorem1)" in out
+    assert "**confirmed: full-2288** (stale): worst ratio 0.0422 (s = 2048; chapter 01_theorem1)" in out
+    for c in study.CLAIMS.values():                   # every registered claim, tested or not
+        assert c.title in out and c.paper in out
+    assert "not tested" in out and "stale" in out
 
-    run = study.start("02_real_activations")
-    run.verdict("typo", "-", "-", "-", key="theorem_1_holds")
-    run.save()
+    (small / "02_real_activations.json").write_text(json.dumps(
+        {"notebook": "02_real_activations", "verdicts": [{"key": "theorem_1_holds", "verdict": "confirmed"}]}))
     with pytest.raises(NotebookFailed, match="02_real_activations: verdict key 'theorem_1_holds'"):
         execute(page, cwd=ROOT / "notebooks")

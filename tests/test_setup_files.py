@@ -17,9 +17,11 @@ from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / ".ci"))
+from check_legible import check_page, png_info  # noqa: E402
 from check_offline import remote_loads  # noqa: E402
 
 sys.path.pop(0)
+from stamp_lib.plotting import TEXT_COLS  # noqa: E402
 
 
 def _requirements(path: Path) -> dict[str, Requirement]:
@@ -99,8 +101,12 @@ def test_ci_runs_make_test():
 
 def test_makefile_targets():
     mk = (ROOT / "Makefile").read_text()
-    targets = set(re.findall(r"^([a-z]+):", mk, flags=re.M))
-    assert {"book", "test", "unit", "bench", "lab", "clean"} <= targets, targets
+    targets = set(re.findall(r"^([a-z-]+):", mk, flags=re.M))
+    assert {"book", "test", "unit", "bench", "lab", "clean", "record-full"} <= targets, targets
+    record = re.search(r"^record-full:.*\n((?:\t.*\n)+)", mk, flags=re.M).group(1)
+    assert ".ci/record_full.py $(NB)" in record
+    lab = re.search(r"^lab:.*\n((?:\t.*\n)+)", mk, flags=re.M).group(1)
+    assert "pip install" not in lab, "JupyterLab and jupyterlab-myst come pinned from requirements.txt"
     assert re.search(r"^test: .*\n\t\$\(BIN\)/pytest -q tests$", mk, flags=re.M)
     book = re.search(r"^book:.*\n((?:\t.*\n)+)", mk, flags=re.M).group(1)
     assert "--all -W -n --keep-going" in book and "check_offline.py _build/html" in book
@@ -185,3 +191,138 @@ def test_check_offline_flags_remote_css(tmp_path):
     (tmp_path / "a.css").write_text("@import url('https://fonts.example.org/x.css'); b{}")
     (tmp_path / "b.css").write_text("i { background: url(img/local.png) }")
     assert [ln.split(":")[0] for ln in remote_loads(tmp_path)] == ["a.css"]
+
+
+# ---- JupyterLab -----------------------------------------------------------------------------
+
+def test_lab_packages_are_pinned():
+    req = _requirements(ROOT / "requirements.txt")
+    for name in ("jupyterlab", "jupyterlab-myst", "jupytext"):
+        assert name in req and str(req[name].specifier).startswith("=="), f"{name} is not pinned"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.md")), ids=lambda p: p.stem)
+def test_opening_and_saving_in_jupyterlab_changes_nothing(tmp_path, path):
+    """What JupyterLab does with `make lab`: jupytext's contents manager reads the .md, the kernel
+    started from this venv's kernelspec is written into the metadata, the notebook is saved.
+    The file must come back byte for byte (else `git status` is dirty after merely opening it)."""
+    import asyncio
+
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
+    from jupytext.async_contentsmanager import build_async_jupytext_contents_manager_class
+
+    spec = KernelSpecManager(kernel_dirs=[str(ROOT / ".venv" / "share" / "jupyter" / "kernels")]).get_kernel_spec("python3")
+    (tmp_path / path.name).write_bytes(path.read_bytes())
+    cm = build_async_jupytext_contents_manager_class(AsyncLargeFileManager)(root_dir=str(tmp_path))
+
+    async def open_and_save():
+        nb = (await cm.get(path.name, type="notebook", content=True))["content"]
+        nb.metadata["kernelspec"] = {"display_name": spec.display_name, "language": spec.language, "name": "python3"}
+        nb.metadata["language_info"] = {"name": "python", "version": "3.11", "mimetype": "text/x-python"}
+        await cm.save({"type": "notebook", "format": "json", "content": nb}, path.name)
+
+    asyncio.run(open_and_save())
+    after = (tmp_path / path.name).read_text()
+    assert after == path.read_text(), (
+        f"{path.name}: a JupyterLab save rewrites the file; make its header say kernelspec display_name "
+        f"{spec.display_name!r} and jupytext_version of the pinned jupytext")
+
+
+# ---- glossary and bibliography ----------------------------------------------------------------
+
+def test_every_term_used_is_in_the_glossary():
+    text = (ROOT / "book" / "glossary.md").read_text()
+    body = text[text.index("```{glossary}"):]
+    terms = {ln.strip().lower() for ln in body.splitlines()[1:] if ln and not ln.startswith((" ", "`"))}
+    pages = [ROOT / "book" / "intro.md", *sorted((ROOT / "notebooks").glob("*.md"))]
+    for page in pages:
+        for ref in re.findall(r"\{term\}`([^`]+)`", page.read_text()):
+            m = re.search(r"<([^>]+)>$", ref)
+            term = (m.group(1) if m else ref).strip().lower()
+            assert term in terms, f"{page.name} uses {{term}}`{ref}`, which book/glossary.md does not define"
+
+
+def test_bibliography_labels_are_author_year():
+    """book/_ext/bibstyle.py labels the reference list like the citations in the text."""
+    import importlib.util
+
+    from pybtex.database import parse_file
+
+    spec = importlib.util.spec_from_file_location("bibstyle", ROOT / "book" / "_ext" / "bibstyle.py")
+    bibstyle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bibstyle)
+    bib = parse_file(str(ROOT / "book" / "references.bib"))
+    labels = {k: bibstyle.author_year_label(e) for k, e in bib.entries.items()}
+    assert labels["federici2026stamp"] == "Federici et al., 2026"
+    assert labels["haar1910"] == "Haar, 1910"
+    assert labels["grattafiori2024llama3"] == "Grattafiori et al., 2024"
+    assert not any("others" in v or "{" in v or "\\" in v for v in labels.values()), labels
+    cfg = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())
+    assert cfg["sphinx"]["config"]["bibtex_default_style"] == "authoryear"
+    assert cfg["sphinx"]["config"]["bibtex_reference_style"] == "author_year"
+    # two authors plus "and others" would print "X and others" in the text: give three or more
+    for key, entry in bib.entries.items():
+        names = [str(p) for p in entry.persons.get("author", [])]
+        assert not (len(names) == 2 and names[-1] == "others"), f"{key}: list at least two authors before 'others'"
+
+
+# ---- the legibility checker -----------------------------------------------------------------
+
+def _png(tmp_path, name, font_pt=None, width_in=6.5):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width_in, 2))
+    ax.plot([0, 1])
+    meta = {"stamp:min_font_pt": str(font_pt)} if font_pt else {}
+    fig.savefig(tmp_path / name, dpi=200, metadata=meta)
+    plt.close(fig)
+    return png_info((tmp_path / name).read_bytes())
+
+
+def _page(tmp_path, body):
+    page = tmp_path / "page.html"
+    page.write_text(f'<html><body><main><div class="cell docutils container">'
+                    f'<div class="cell_output docutils container">{body}</div></div></main></body></html>')
+    return check_page(page)
+
+
+def test_check_legible_passes_a_legible_page(tmp_path):
+    info = _png(tmp_path, "ok.png", font_pt=9)
+    assert info["width"] == 1300 and round(info["dpi"]) == 200 and info["text"]["stamp:min_font_pt"] == "9"
+    body = ('<div class="output stream"><pre>' + "x" * TEXT_COLS + "</pre></div>"
+            '<img src="ok.png" style="width: 650px;" />'
+            "<table><tr><th>a</th><th>b</th></tr><tr><td>0.91</td><td>dct</td></tr></table>")
+    assert _page(tmp_path, body) == []
+
+
+@pytest.mark.parametrize("body, what", [
+    ('<div class="output stream"><pre>' + "x" * (TEXT_COLS + 1) + "</pre></div>", "text output line of"),
+    ('<img src="plain.png" />', "not drawn with stamp_lib.plotting.show"),
+    ('<img src="small.png" />', "displayed at"),
+    ("<table><tr><td>" + "w" * 50 + "</td><td>" + "v" * 50 + "</td></tr></table>", "px column"),
+])
+def test_check_legible_flags_illegible_output(tmp_path, body, what):
+    _png(tmp_path, "plain.png")
+    _png(tmp_path, "small.png", font_pt=9, width_in=14)   # shown at 676 of 1400 px: 9 pt -> 4.4 pt
+    bad = _page(tmp_path, body)
+    assert len(bad) == 1 and what in bad[0], bad
+
+
+# ---- make record-full -----------------------------------------------------------------------
+
+def test_record_full_selects_chapters():
+    sys.path.insert(0, str(ROOT / ".ci"))
+    try:
+        import record_full
+    finally:
+        sys.path.pop(0)
+    every = record_full.chapters([])
+    assert every and all(p.name[:2].isdigit() and not p.name.startswith("99") for p in every)
+    assert [p.stem for p in record_full.chapters(["01_theorem1"])] == ["01_theorem1"]
+    assert [p.stem for p in record_full.chapters(["notebooks/01_theorem1.md"])] == ["01_theorem1"]
+    with pytest.raises(SystemExit, match="no notebook"):
+        record_full.chapters(["07_nothing"])

@@ -1,0 +1,75 @@
+"""Record the full-size results of chapters into the repository (``make record-full``).
+
+Usage: python .ci/record_full.py [NOTEBOOK ...]     (default: every chapter, notebooks/[0-8]*.md)
+
+Each chapter is executed top to bottom (nbclient, cwd notebooks/, as in the book build) with
+``STUDY_SIZE=full`` and ``STAMP_RESULTS=data/results/full``, so its ``run.save()`` writes
+``data/results/full/<chapter>.json`` with its numbers, verdicts, commit, date, wall time, machine,
+package versions and the hash of the code behind it (``stamp_lib.study``). The default book shows
+these records beside its own small-size numbers and flags them stale once that code changes.
+Commit the files afterwards. A failing chapter stops the script (exit 1) and leaves the previous
+record of that chapter in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CELL_TIMEOUT = 3600
+
+
+def chapters(names: list[str]) -> list[Path]:
+    """The notebooks named (stem or path), or every chapter; ``SystemExit`` for an unknown one."""
+    if not names:
+        return sorted(p for p in (ROOT / "notebooks").glob("[0-8]*.md"))
+    out = []
+    for n in names:
+        p = ROOT / "notebooks" / f"{Path(n).stem}.md"
+        if not p.is_file():
+            raise SystemExit(f"record_full: no notebook {p.relative_to(ROOT)}")
+        out.append(p)
+    return out
+
+
+def record(path: Path, full_dir: Path) -> float:
+    """Execute one chapter at full size into a scratch folder, then move its record into place."""
+    import jupytext
+    from nbclient import NotebookClient
+
+    scratch = Path(tempfile.mkdtemp(prefix="record-full-"))
+    os.environ.update(STUDY_SIZE="full", STAMP_RESULTS=str(scratch))
+    t0 = time.perf_counter()
+    nb = jupytext.read(path)
+    NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=nb.metadata.get("kernelspec", {}).get("name", "python3"),
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    out = scratch / f"{path.stem}.json"
+    if not out.is_file():
+        raise SystemExit(f"record_full: {path.name} ran but wrote no {out.name} (no run.save()?)")
+    full_dir.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(out), full_dir / out.name)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str]) -> int:
+    full_dir = ROOT / "data" / "results" / "full"
+    for path in chapters(argv):
+        print(f"record_full: {path.name} at STUDY_SIZE=full ...", flush=True)
+        try:
+            wall = record(path, full_dir)
+        except Exception as exc:  # noqa: BLE001 - report any failure with the chapter's name
+            print(f"record_full: {path.name} FAILED: {type(exc).__name__}: {str(exc)[-2000:]}", file=sys.stderr)
+            return 1
+        print(f"record_full: wrote data/results/full/{path.stem}.json ({wall / 60:.1f} min)", flush=True)
+    print("record_full: done; commit data/results/full/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
