@@ -74,14 +74,25 @@ unit: setup
 bench: setup
 	$(BIN)/python -m stamp_lib.bench
 
-# JupyterLab is not needed by the book or the tests, so it is installed on first use only.
-# The override makes .md files open as notebooks (jupytext); notebooks run with cwd notebooks/.
+# JupyterLab, with jupyterlab-myst (both pinned in requirements.txt) so that MyST directives,
+# roles, maths and labels render in markdown cells. The override makes .md files open as notebooks
+# (jupytext); notebooks run with cwd notebooks/. Each notebook header already says what a save
+# writes (kernelspec "Python 3 (ipykernel)", the pinned jupytext version), so opening and saving a
+# notebook without edits leaves `git status` clean (tests/test_setup_files.py checks it).
+# {glue:text} numbers show as raw roles in JupyterLab (jupyterlab-myst has no glue): see the book.
 lab: setup
-	@$(BIN)/python -c "import jupyterlab" 2>/dev/null || $(BIN)/python -m pip install -q "jupyterlab>=4,<5"
 	@mkdir -p $(VENV)/share/jupyter/lab/settings
 	@echo '{"@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"markdown": "Jupytext Notebook", "myst": "Jupytext Notebook"}}}' \
 	  > $(VENV)/share/jupyter/lab/settings/overrides.json
 	$(BIN)/jupyter lab --notebook-dir=$(CURDIR) $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# Full-size headline numbers, recorded in the repository: data/results/full/<chapter>.json with
+# commit, date, wall time, machine, package versions and a hash of the code behind them. The
+# default book shows them beside its own numbers and flags a record stale once that code changes.
+# Long (all chapters by default); one chapter: make record-full NB=01_theorem1. Then commit them.
+.PHONY: record-full
+record-full: setup
+	$(BIN)/python .ci/record_full.py $(NB)
 
 clean:
 	rm -rf _build book/_build book/_static/mathjax .pytest_cache
