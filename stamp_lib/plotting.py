@@ -286,13 +286,15 @@ _NUMERIC = re.compile(r"^[\s$]*[-+\u2212]?(\d[\d,]*\.?\d*|\.\d+)(e[-+]?\d+)?\s*(
 
 
 def num(v, digits: int = 3) -> str:
-    """A number for a table or the prose: ``digits`` significant digits, no exponent below 1e6,
-    thousands separated; ``n/a`` for None or NaN."""
+    """A number for a table or the prose: ``digits`` significant digits (whole numbers without
+    decimals), no exponent, thousands separated; ``n/a`` for None or NaN."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     v = float(v)
     if v == 0:
         return "0"
+    if v.is_integer() and abs(v) < 1e6:   # counts: no decimals
+        return f"{int(v):,}"
     mag = math.floor(math.log10(abs(v)))
     if mag >= digits - 1:
         return f"{v:,.0f}"

@@ -246,6 +246,7 @@ def test_tables_fit_the_column_or_are_refused():
 
 
 @pytest.mark.parametrize("v, text", [(0.09123, "0.0912"), (12.345, "12.3"), (-0.5, "-0.500"), (1795.2, "1,795"),
-                                     (0, "0"), (None, "n/a"), (float("nan"), "n/a"), (5.0, "5.00")])
+                                     (0, "0"), (None, "n/a"), (float("nan"), "n/a"), (5.0, "5"), (8, "8"),
+                                     (4.5, "4.50")])
 def test_num(v, text):
     assert plotting.num(v) == text
