@@ -31,8 +31,8 @@ Conventions (chapters 1-4 follow them)
   ``STAMP_RESULTS=data/results/full`` (tracked in git). The default build shows those recorded
   headline numbers beside its own (``run.findings()`` at the end of each chapter, and the claims
   page); :func:`full_record` flags a record as *stale* when the code behind it (the notebook's code
-  cells and every ``stamp_lib`` module the notebook imported, except :data:`PRESENTATION_MODULES`)
-  has changed since it was recorded.
+  cells and every ``stamp_lib`` module the notebook imported, except the drawing and bookkeeping
+  modules :data:`PRESENTATION_MODULES`) has changed since it was recorded.
 * :func:`cache_dir` is the ignored folder for dequantized weights and activations
   (``STAMP_CACHE`` overrides it).
 """
@@ -59,9 +59,12 @@ import numpy as np
 SIZES = ("small", "full")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FULL_DIR = REPO_ROOT / "data" / "results" / "full"
-# modules that only draw or lay out: editing them cannot change a number, so they are not
-# part of the code hash of a record
-PRESENTATION_MODULES = ("stamp_lib.plotting",)
+# modules that only draw, lay out or book-keep (the claims registry lives here, and chapters
+# add claims to it): they do not compute numbers, so they are not part of the code hash of a
+# record and editing them leaves records fresh. (study.seed_everything is the exception; a
+# change to it must be followed by make record-full.)
+PRESENTATION_MODULES = ("stamp_lib.plotting", "stamp_lib.study")
+PRESENTATION_FILES = tuple(m.replace(".", "/") + ".py" for m in PRESENTATION_MODULES)
 TEXT_COLS = 76  # = stamp_lib.plotting.TEXT_COLS (printed lines that fit the book's column)
 VERSIONED_PACKAGES = ("torch", "numpy", "scipy", "transformers", "gguf", "PyWavelets", "matplotlib",
                       "jupytext", "nbclient")
@@ -533,7 +536,8 @@ def full_record(notebook: str, folder: Path | None = None) -> FullRecord | None:
     if not p.is_file():
         return None
     data = json.loads(p.read_text())
-    files = data.get("code", {}).get("files", {})
+    files = {f: h for f, h in data.get("code", {}).get("files", {}).items()
+             if f not in PRESENTATION_FILES}
     changed = [f for f, h in files.items() if current_hash(f) != h]
     return FullRecord(data=data, stale=bool(changed) or not files, changed=changed or
                       ([] if files else ["(no code hash in the record)"]))

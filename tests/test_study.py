@@ -99,8 +99,8 @@ def test_save_writes_provenance_and_code_hash(results):
     for k in ("commit", "dirty", "date", "machine", "versions", "wall_time_s", "code"):
         assert k in data, k
     files = data["code"]["files"]
-    assert "notebooks/01_theorem1.md#code" in files and "stamp_lib/study.py" in files
-    assert "stamp_lib/plotting.py" not in files            # presentation only: not in the hash
+    assert "notebooks/01_theorem1.md#code" in files and "stamp_lib/metrics.py" in files
+    assert "stamp_lib/plotting.py" not in files and "stamp_lib/study.py" not in files  # no numbers
     assert data["versions"]["torch"] and re.match(r"\d{4}-\d\d-\d\dT", data["date"])
 
 
@@ -135,6 +135,8 @@ def test_full_record_is_stale_when_its_code_changed(tmp_path):
     assert rec.stale and rec.changed == [quant] and "STALE" in rec.when()
     _record(tmp_path, good | {"stamp_lib/gone.py": "0" * 64})
     assert study.full_record("01_theorem1", tmp_path).changed == ["stamp_lib/gone.py"]
+    _record(tmp_path, good | {"stamp_lib/study.py": "0" * 64})   # the registry grew: still fresh
+    assert not study.full_record("01_theorem1", tmp_path).stale
     assert study.full_record("99_nothing", tmp_path) is None
 
 
