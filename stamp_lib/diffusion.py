@@ -1,0 +1,570 @@
+r"""The image-generator experiment (the paper's Figure 1 and Table 1) on the galaxy diffusion model.
+
+The paper quantizes PixArt-Sigma and SANA at W4A4 and reports the SQNR of the generated images
+against the full-precision pipeline run from the same noise. No such checkpoint can be loaded
+here (see :mod:`stamp_lib.pixart` for the PixArt-Sigma path, ready for the real weights), so this
+module runs the same protocol on the one pretrained image diffusion model that is available: the
+galaxy score network of :mod:`stamp_lib.galaxy` (an MLP-Mixer over a 16 x 16 grid of patch
+tokens, 1.6 M parameters, real weights from ``galaxygrad==0.1.9``).
+
+What is quantized (rules by layer name; :func:`galaxy_config`)
+---------------------------------------------------------------
+* ``blocks.*.hidden_mixer.fc1/fc2`` (**channel mixing**): inputs (B, s = 256 tokens, d); rows
+  are patch tokens on the 16 x 16 grid, so STaMP applies: the 2-D Haar DWT over the grid with
+  ``levels`` (3: the 2 x 2 = 4-token LL band, the paper's 64-of-4096 ratio), the first
+  ``hp_tokens`` transformed rows at ``hp_bits``, the others at ``a_bits``. The *bit-matched
+  baseline* keeps its first ``hp_tokens`` untransformed (row-major) tokens at ``hp_bits``, as the
+  paper's baselines did, so both spend the same average bits.
+* ``blocks.*.patch_mixer.fc1/fc2`` (**token mixing**): inputs (B, 64 channels, 256 or 512); rows
+  are *channels*, which have no order: neighbouring rows are no more alike than distant ones
+  (:func:`row_structure` measures it). As the paper does for inputs without local structure,
+  they get plain per-row quantization at ``a_bits`` with and without STaMP
+  (``token_stamp=True`` is the ablation that transforms them anyway).
+* Weights: W4 per-output-channel symmetric round-to-nearest (``w_bits=None``: full precision, the
+  "A4" setting of Figure 1).
+
+Methods (each without and with STaMP): ``rtn`` (plain), ``hadamard`` (an orthogonal Hadamard
+rotation of every layer's input features folded into the weight before it is quantized, as in
+QuaRot; ``hadamard_seed`` adds QuaRot's random sign flips, see :class:`Config`) and ``svdquant``
+(SVDQuant-style: SmoothQuant smoothing with ``alpha`` from calibration inputs, then the top
+``rank`` singular part of the smoothed weight kept in full precision on the unquantized input and
+the residual quantized). ViDiT-Q's own recipe (per-timestep dynamic ranges, channel balancing and
+its mixed-precision search over layers) is not reproduced: its search needs the image-quality
+metrics of a text-to-image model and the paper's ViDiT-Q row itself is doubtful (see
+``shared/paper-notes.md``).
+
+Protocol (:func:`reference`, :func:`evaluate`)
+----------------------------------------------
+For each seed, ``n`` initial noises are drawn (:func:`stamp_lib.galaxy.initial_noise`) and the
+deterministic probability-flow sampler (:func:`stamp_lib.galaxy.sample`, EDM Heun, ``steps``
+steps) runs once in full precision and once per configuration from the *same* noise. Metrics:
+
+* SQNR (dB) of each final sample against its full-precision twin, in image space
+  (``x = exp(0.1 y) - 1``, what the model's users see; the paper's metric) and in model space y;
+  PSNR with the full-precision image's range as peak (for a single image PSNR is SQNR shifted by
+  a constant, so it adds nothing to comparisons: it is recorded, not plotted);
+* SQNR of the network output (the score) at the first network call of every step, evaluated
+  *teacher-forced* on the full-precision trajectory: the error of one quantized call, without
+  the drift that accumulates along a quantized trajectory;
+* paired differences (:func:`paired`): the same noise with and without STaMP, image by image,
+  so a verdict is not a difference between two noisy draws.
+
+Everything is fake quantization in floating point (accuracy simulated, not speed).
+``python -m stamp_lib.diffusion bench`` measures the sampling time of the quantized model against
+full precision (target: at most 3x); ``python -m stamp_lib.diffusion --method rtn`` prints one
+table row (without and with STaMP, paired).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import galaxy, hooks, quant
+from . import recipe as rcp
+from .recipe import ActQuant, Recipe, Rule, WeightQuant
+
+__all__ = ["CHANNEL_MIXING", "TOKEN_MIXING", "METHODS", "Config", "galaxy_config", "prepare", "Reference",
+           "reference", "calibration_batches", "Outcome", "evaluate", "run_configs", "paired", "sqnr_per_image",
+           "psnr_per_image", "row_structure", "benchmark", "main"]
+
+CHANNEL_MIXING = "blocks.*.hidden_mixer.*"  # rows = patch tokens on the grid: STaMP applies
+TOKEN_MIXING = "blocks.*.patch_mixer.*"  # rows = channels, no order: plain quantization
+METHODS = ("fp", "rtn", "hadamard", "svdquant")
+_FEATURE = {"fp": None, "rtn": None, "hadamard": "hadamard", "svdquant": "smoothquant"}
+
+
+# ----------------------------------------------------------------------------- configurations
+@dataclass(frozen=True)
+class Config:
+    """One configuration of the experiment: a :class:`~stamp_lib.recipe.Recipe` plus
+    ``hadamard_seed``, which the recipe layer cannot express yet: when set, every
+    ``feature="hadamard"`` rule uses QuaRot's randomized rotation :math:`R = D H/\\sqrt n`
+    (random signs D from the seed) instead of the plain :math:`H/\\sqrt n` (see :func:`prepare`)."""
+
+    name: str
+    recipe: Recipe
+    hadamard_seed: int | None = None
+    info: dict = field(default_factory=dict, compare=False)
+
+    def knobs(self) -> dict:
+        return {"name": self.name, "hadamard_seed": self.hadamard_seed, **self.info, "recipe": self.recipe.knobs()}
+
+    def prep_key(self) -> tuple:
+        return (self.recipe.prep_key(), self.hadamard_seed)
+
+
+def _check_int(v, what, lo=0):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{what} must be an int >= {lo}, got {v!r}")
+
+
+def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a_bits: int = 4,
+                  hp_tokens: int = 4, hp_bits: int = 8, levels: int = 3, grid: tuple[int, int] = (16, 16),
+                  block_size: int | None = None, rank: int = 16, alpha: float = 0.5, token_stamp: bool = False,
+                  token_hp: int | None = None, hadamard_seed: int | None = None) -> Config:
+    """The configuration of one cell of the experiment (see the module docstring).
+
+    ``method``: one of :data:`METHODS`. ``stamp``: 2-D Haar DWT (``levels``) over ``grid`` on the
+    channel-mixing inputs, else the bit-matched untransformed baseline. ``hp_tokens`` rows at
+    ``hp_bits``, the rest at ``a_bits`` (``hp_tokens=0``: uniform ``a_bits``). ``block_size``:
+    per-token activation ranges (``None``) or per block of that many features (64 in the paper's
+    Table 1). ``w_bits=None`` keeps weights in full precision. ``rank``: the low-rank branch of
+    ``svdquant``. ``token_stamp``: also transform the token-mixing inputs (1-D Haar over their 64
+    channel rows, ``token_hp`` high-precision rows; an ablation); ``token_hp`` defaults to
+    ``hp_tokens`` with ``token_stamp`` and to 0 (plain ``a_bits``) without."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    for v, what in ((hp_tokens, "hp_tokens"), (rank, "rank"), (levels, "levels")):
+        _check_int(v, what)
+    s = grid[0] * grid[1]
+    if hp_tokens > s:
+        raise ValueError(f"hp_tokens={hp_tokens} exceeds the {s} tokens of the {grid[0]}x{grid[1]} grid")
+    if method == "fp":
+        return Config("fp", Recipe((Rule("*"),), name="fp"), info={"method": "fp"})
+    if hadamard_seed is not None and method != "hadamard":
+        raise ValueError("hadamard_seed applies to the 'hadamard' method only")
+    if token_hp is None:
+        token_hp = hp_tokens if token_stamp else 0
+    _check_int(token_hp, "token_hp")
+
+    def bits(hp):
+        return f"{hp}x{hp_bits}+{a_bits}" if hp else a_bits
+
+    ch = ActQuant(bits=bits(hp_tokens), transform="dwt" if stamp else "identity",
+                  levels=levels if stamp else None, grid=tuple(grid) if stamp else None, block_size=block_size)
+    if token_stamp:
+        if not token_hp:
+            raise ValueError("token_stamp needs token_hp > 0 high-precision rows")
+        tok_levels = max(1, int(round(math.log2(64 / token_hp))))
+        tk = ActQuant(bits=bits(token_hp), transform="dwt", levels=tok_levels, block_size=block_size)
+    else:
+        tk = ActQuant(bits=bits(token_hp), block_size=block_size)
+    lowrank = rank if method == "svdquant" else 0
+    w = None if w_bits is None else WeightQuant(bits=w_bits, lowrank=lowrank)
+    if w is None and lowrank:
+        raise ValueError("the svdquant low-rank branch needs quantized weights (w_bits)")
+    feat = _FEATURE[method]
+    rules = (Rule(CHANNEL_MIXING, act=ch, weight=w, feature=feat, alpha=alpha),
+             Rule(TOKEN_MIXING, act=tk, weight=w, feature=feat, alpha=alpha))
+    wname = "A" if w_bits is None else f"W{w_bits}A"
+    name = (f"{method}{'-rs' if hadamard_seed is not None else ''} {wname}{a_bits}"
+            f"{' +stamp' if stamp else ''} hp{hp_tokens}{' blk' + str(block_size) if block_size else ''}"
+            f"{' +tokstamp' if token_stamp else ''}")
+    info = dict(method=method, stamp=stamp, w_bits=w_bits, a_bits=a_bits, hp_tokens=hp_tokens, hp_bits=hp_bits,
+                levels=levels if stamp else None, grid=list(grid), block_size=block_size,
+                granularity="per-token" if block_size is None else f"per-block-{block_size}",
+                rank=lowrank, alpha=alpha if feat == "smoothquant" else None, token_stamp=token_stamp,
+                token_hp=token_hp, weights="per-output-channel symmetric RTN" if w_bits else "full precision",
+                activations="per-row asymmetric min-max, no clipping")
+    return Config(name, Recipe(rules, name=name), hadamard_seed=hadamard_seed, info=info)
+
+
+def prepare(model, config: Config, calib=None, *, progress: bool = False) -> rcp.Prepared:
+    """:func:`stamp_lib.recipe.prepare` for ``config`` on the galaxy model (``calib``: a list of
+    ``(y, t)`` batches, needed for ``svdquant``; see :func:`calibration_batches`).
+
+    With ``config.hadamard_seed`` set, the plain Hadamard rotations are replaced by randomized
+    ones and the weights re-folded and re-quantized (RTN, no low-rank branch): a local stand-in
+    until the recipe layer takes a Hadamard seed."""
+    from . import methods
+
+    prep = rcp.prepare(model, config.recipe, calib, forward=lambda m, b: m(b[0], b[1]), progress=progress)
+    if config.hadamard_seed is None:
+        return prep
+    for name, (mod, rule) in config.recipe.resolve(model).items():
+        if rule.feature != "hadamard":
+            continue
+        wq = rule.weight
+        if wq is not None and (wq.method != "rtn" or wq.lowrank):
+            raise NotImplementedError("hadamard_seed supports RTN weights without a low-rank branch only")
+        F = methods.hadamard_rotation(mod.in_features, seed=config.hadamard_seed)
+        prep.features[name] = F
+        Wf = F.fold_weight(mod.weight.detach().double())
+        if wq is not None:
+            Wf = quant.fake_quant(Wf, wq.bits, symmetric=wq.symmetric, clip_ratio=wq.clip_ratio,
+                                  block_size=wq.group_size)
+        prep.weights[name] = Wf.to(mod.weight.dtype)
+    return prep
+
+
+# ----------------------------------------------------------------------------- metrics
+def sqnr_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """SQNR (dB) of every image (dim 0) of ``test`` against ``reference``, float64; ``inf`` where
+    they are equal. Same definition as :func:`stamp_lib.metrics.sqnr_db` applied per image."""
+    if reference.shape != test.shape or reference.dim() < 2:
+        raise ValueError(f"need two batches of the same shape, got {tuple(reference.shape)} and {tuple(test.shape)}")
+    r, t = reference.double().flatten(1), test.double().flatten(1)
+    if not (bool(torch.isfinite(r).all()) and bool(torch.isfinite(t).all())):
+        raise ValueError("sqnr_per_image got NaN/Inf")
+    return 10 * torch.log10(r.pow(2).sum(1) / (r - t).pow(2).sum(1))
+
+
+def psnr_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) per image with the reference image's range (max - min) as the peak."""
+    r, t = reference.double().flatten(1), test.double().flatten(1)
+    peak = r.amax(1) - r.amin(1)
+    return 10 * torch.log10(peak.pow(2) / (r - t).pow(2).mean(1))
+
+
+def _sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
+    r, t = ref.double(), test.double()
+    return float(10 * torch.log10(r.pow(2).sum() / (r - t).pow(2).sum()))
+
+
+# ----------------------------------------------------------------------------- reference runs
+@dataclass
+class Reference:
+    """The full-precision run of one seed: its noise, samples, and the network's inputs and
+    outputs at the first call of every sampler step (for teacher-forced score SQNR)."""
+
+    seed: int
+    steps: int
+    method: str
+    noise: torch.Tensor
+    y: torch.Tensor
+    image: torch.Tensor
+    times: torch.Tensor
+    inputs: list  # [(y_in, t)] first call of every step
+    scores: list  # FP network outputs at those inputs
+    seconds: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return self.noise.shape[0]
+
+
+def _recorded(model):
+    calls = []
+
+    def f(y, t):
+        out = model(y, t)
+        calls.append((y, t, out))
+        return out
+
+    f.t1 = model.t1
+    return f, calls
+
+
+def _first_calls(calls: list, steps: int, method: str) -> list:
+    """The first network call of every step (Heun: 2 calls per step, 1 in the last)."""
+    if method == "euler":
+        if len(calls) != steps:
+            raise RuntimeError(f"expected {steps} Euler calls, got {len(calls)}")
+        return calls
+    if len(calls) != 2 * steps - 1:
+        raise RuntimeError(f"expected {2 * steps - 1} Heun calls, got {len(calls)}")
+    return calls[0::2]
+
+
+@torch.no_grad()
+def reference(model, seed: int, n: int = 8, steps: int = 16, method: str = "heun") -> Reference:
+    """Full-precision samples of ``n`` noises drawn from ``seed`` (see the module docstring)."""
+    _check_int(n, "n", 1)
+    noise = galaxy.initial_noise(n, seed, (model.channels, model.img_size, model.img_size))
+    f, calls = _recorded(model)
+    t0 = time.perf_counter()
+    s = galaxy.sample(f, noise=noise, steps=steps, method=method, t1=model.t1, progress=False)
+    sec = time.perf_counter() - t0
+    first = _first_calls(calls, steps, method)
+    return Reference(seed, steps, method, noise, s.y, s.image, s.times, [(y, t) for y, t, _ in first],
+                     [o for _, _, o in first], sec)
+
+
+@torch.no_grad()
+def calibration_batches(model, seed: int = 1000, n: int = 8, steps: int = 16, stride: int = 2) -> list:
+    """``(y, t)`` network inputs along a full-precision trajectory from the noise of ``seed`` (every
+    ``stride``-th call): calibration data for SmoothQuant scales, disjoint from evaluation seeds."""
+    _check_int(stride, "stride", 1)
+    noise = galaxy.initial_noise(n, seed, (model.channels, model.img_size, model.img_size))
+    f, calls = _recorded(model)
+    galaxy.sample(f, noise=noise, steps=steps, t1=model.t1, progress=False)
+    return [(y, t) for y, t, _ in calls[::stride]]
+
+
+# ----------------------------------------------------------------------------- evaluation
+@dataclass
+class Outcome:
+    """Per-image metrics of one configuration over every reference (images in reference order)."""
+
+    config: Config
+    sqnr_image: torch.Tensor  # (N,) dB, image space
+    sqnr_y: torch.Tensor  # (N,) dB, model space
+    psnr: torch.Tensor  # (N,) dB
+    seed: torch.Tensor  # (N,) the seed of each image's batch
+    score_sqnr: torch.Tensor  # (n_score_batches, steps) dB, teacher-forced, pooled over the batch
+    score_t: torch.Tensor  # (steps,) the time of each step's first call
+    act_bits: float  # average bits per quantized row, all layers
+    channel_bits: float  # average bits per token of the channel-mixing inputs
+    seconds: float  # sampling time (without the teacher-forced calls)
+    images: torch.Tensor | None = None  # the first reference's samples (image space), for figures
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def n(self) -> int:
+        return self.sqnr_image.numel()
+
+    def mean(self, space: str = "image") -> float:
+        return float(self._v(space).mean())
+
+    def se(self, space: str = "image") -> float:
+        """Standard error of the mean over images."""
+        v = self._v(space)
+        return float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
+
+    def seed_means(self, space: str = "image") -> torch.Tensor:
+        """Mean SQNR of each seed's batch."""
+        v = self._v(space)
+        return torch.stack([v[self.seed == s].mean() for s in self.seed.unique()])
+
+    def seed_spread(self, space: str = "image") -> float:
+        """Standard deviation of the batch means over seeds (NaN for one seed)."""
+        m = self.seed_means(space)
+        return float(m.std()) if m.numel() > 1 else float("nan")
+
+    def _v(self, space):
+        if space not in ("image", "y", "psnr"):
+            raise ValueError(f"space must be 'image', 'y' or 'psnr', got {space!r}")
+        return {"image": self.sqnr_image, "y": self.sqnr_y, "psnr": self.psnr}[space]
+
+    def summary(self) -> dict:
+        return {"name": self.name, "n_images": self.n, "n_seeds": int(self.seed.unique().numel()),
+                "sqnr_image_db": self.mean(), "se_image_db": self.se(), "seed_sd_image_db": self.seed_spread(),
+                "seed_means_image_db": self.seed_means().tolist(), "sqnr_y_db": self.mean("y"),
+                "se_y_db": self.se("y"), "psnr_db": self.mean("psnr"), "act_bits": self.act_bits,
+                "channel_bits": self.channel_bits, "score_sqnr_db": self.score_sqnr.mean(0).tolist(),
+                "score_t": self.score_t.tolist(), "seconds": round(self.seconds, 2)}
+
+
+@torch.no_grad()
+def evaluate(model, config: Config, refs: list[Reference], prepared: rcp.Prepared | None = None, *,
+             calib=None, score_batches: int = 1, keep_images: bool = True) -> Outcome:
+    """Sample with ``config`` from every reference's noise and measure against it (module docstring).
+
+    ``score_batches``: the first that many references also get the teacher-forced score SQNR of
+    every step (one extra quantized call per step)."""
+    if not refs:
+        raise ValueError("evaluate needs at least one Reference")
+    if prepared is None:
+        prepared = prepare(model, config, calib)
+    sq_img, sq_y, ps, seeds, scores, secs = [], [], [], [], [], 0.0
+    bits_tok = bits_sum = ch_tok = ch_sum = 0
+    images = None
+    for k, ref in enumerate(refs):
+        with rcp.apply(model, config.recipe, prepared, check_finite=False, progress=False) as st:
+            t0 = time.perf_counter()
+            s = galaxy.sample(model, noise=ref.noise, steps=ref.steps, method=ref.method, progress=False)
+            secs += time.perf_counter() - t0
+            for name, v in st.stats.items():
+                bits_tok += v.tokens
+                bits_sum += v.bits
+                if hooks.matches(name, CHANNEL_MIXING):
+                    ch_tok += v.tokens
+                    ch_sum += v.bits
+            if k < score_batches:
+                scores.append(torch.tensor([_sqnr(o, model(y, t)) for (y, t), o in zip(ref.inputs, ref.scores)]))
+        if not bool(torch.isfinite(s.y).all()):
+            raise FloatingPointError(f"{config.name}: the quantized sampler produced NaN/Inf (seed {ref.seed})")
+        # image space in float64: a diverged sample (exp of a large y) stays finite and scores low
+        img_ref, img = galaxy.to_image(ref.y.double()), galaxy.to_image(s.y.double())
+        sq_img.append(sqnr_per_image(img_ref, img))
+        sq_y.append(sqnr_per_image(ref.y, s.y))
+        ps.append(psnr_per_image(img_ref, img))
+        seeds.append(torch.full((ref.n,), ref.seed))
+        if k == 0 and keep_images:
+            images = s.image.clone()
+    t_steps = torch.tensor([t for _, t in refs[0].inputs], dtype=torch.float64)
+    return Outcome(config, torch.cat(sq_img), torch.cat(sq_y), torch.cat(ps), torch.cat(seeds),
+                   torch.stack(scores) if scores else torch.empty(0, len(t_steps)), t_steps,
+                   bits_sum / bits_tok if bits_tok else float("nan"), ch_sum / ch_tok if ch_tok else float("nan"),
+                   secs, images)
+
+
+def run_configs(model, configs: dict[str, Config], refs: list[Reference], calib=None, *, score_batches: int = 1,
+                progress: bool = True) -> dict[str, Outcome]:
+    """:func:`evaluate` every configuration; preparations are shared between configurations with
+    the same feature and weight settings (e.g. with and without STaMP)."""
+    from tqdm.auto import tqdm
+
+    preps: dict = {}
+    out = {}
+    for key, cfg in tqdm(list(configs.items()), desc="configurations", disable=not progress, leave=False):
+        pk = cfg.prep_key()
+        if pk not in preps:
+            preps[pk] = prepare(model, cfg, calib if cfg.recipe.needs_calibration() else None)
+        out[key] = evaluate(model, cfg, refs, preps[pk], score_batches=score_batches)
+    return out
+
+
+def paired(base: Outcome, other: Outcome, space: str = "image") -> dict:
+    """``other - base`` SQNR image by image (same noise): mean (dB), its standard error, the number
+    of images where ``other`` is higher, and whether the mean is beyond two standard errors."""
+    a, b = base._v(space), other._v(space)
+    if a.shape != b.shape or not torch.equal(base.seed, other.seed):
+        raise ValueError("a paired comparison needs the same images (same references)")
+    d = b - a
+    n = d.numel()
+    se = float(d.std() / math.sqrt(n)) if n > 1 else float("nan")
+    mean = float(d.mean())
+    return {"delta_db": mean, "se_db": se, "wins": int((d > 0).sum()), "n": n,
+            "beyond_2se": bool(n > 1 and abs(mean) > 2 * se)}
+
+
+# ----------------------------------------------------------------------------- row structure
+def _energy_first(X: torch.Tensor, T, k: int) -> float:
+    """Fraction of the energy of X (..., s, d) in the first k rows of T X."""
+    Y = X if T is None else T.forward(X)
+    e = Y.double().pow(2).sum(dim=-1).reshape(-1, Y.shape[-2]).sum(0)
+    return float(e[:k].sum() / e.sum())
+
+
+@torch.no_grad()
+def row_structure(model, refs: list[Reference], *, steps=(0, 4, 8, 12), hp_tokens: int = 4, n_perm: int = 8,
+                  seed: int = 0) -> dict:
+    """Is there a local order along the rows of each linear input? Per layer (inputs captured at
+    the first calls of the given sampler ``steps`` of every reference):
+
+    * ``toeplitz``: share of the centred row autocorrelation S explained by the nearest
+      (2-D for the 16 x 16 token grid, 1-D for the 64 channel rows) Toeplitz matrix
+      (:func:`stamp_lib.analysis.toeplitz_fraction`);
+    * ``energy``: fraction of the energy in the first ``hp_tokens`` rows after STaMP's Haar DWT
+      (2-D, 3 levels, for tokens; 1-D to ``hp_tokens`` rows for channels), with the rows in their
+      natural order (``energy``), in random orders (``energy_shuffled``, mean of ``n_perm``
+      permutations) and untransformed (``energy_identity``). Where rows have a local order,
+      shuffling them destroys the compaction; where they have none, it changes nothing;
+    * ``S``: the mean row autocorrelation (for figures)."""
+    from . import analysis, capture, transforms
+
+    batches = [ref.inputs[i] for ref in refs for i in steps if i < len(ref.inputs)]
+    if not batches:
+        raise ValueError(f"no sampler step among {steps} in the references")
+    cap = capture.capture_inputs(model, batches, "*", keep=True, forward=lambda m, b: m(b[0], b[1]), progress=False)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, X in cap.acts.items():
+        kind = "channel" if hooks.matches(name, CHANNEL_MIXING) else "token"
+        s = X.shape[-2]
+        if kind == "channel":
+            T = transforms.build("dwt", levels=3, grid=(model.grid, model.grid))
+            grid = (model.grid, model.grid)
+        else:
+            T = transforms.build("dwt", levels=int(round(math.log2(s / hp_tokens))))
+            grid = None
+        Xd = X.double()
+        S = torch.einsum("nsd,ntd->st", Xd, Xd) / (Xd.shape[0] * Xd.shape[-1])
+        shuffled = []
+        for _ in range(n_perm):
+            perm = torch.randperm(s, generator=g)
+            shuffled.append(_energy_first(X[:, perm], T, hp_tokens))
+        out[name] = {"kind": kind, "s": s, "toeplitz": analysis.toeplitz_fraction(S, grid, center=True),
+                     "energy": _energy_first(X, T, hp_tokens), "energy_shuffled": sum(shuffled) / n_perm,
+                     "energy_identity": _energy_first(X, None, hp_tokens), "S": S.float()}
+    return out
+
+
+# ----------------------------------------------------------------------------- benchmark
+def benchmark(n: int = 8, steps: int = 16, repeats: int = 3, threads: int | None = None) -> dict:
+    """Sampling time of the galaxy model (``n`` images, ``steps`` Heun steps) in full precision and
+    with W4A4 configurations (RTN, RTN + STaMP, Hadamard + STaMP, SVDQuant + STaMP, per-block-64),
+    measured side by side in one run (interleaved, median of ``repeats``). Target: quantized
+    sampling at most 3x the full-precision time."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = galaxy.load_galaxy_model()
+    cfgs = {"rtn W4A4": galaxy_config("rtn"),
+            "rtn W4A4 + stamp": galaxy_config("rtn", stamp=True),
+            "hadamard W4A4 + stamp": galaxy_config("hadamard", stamp=True),
+            "svdquant W4A4 + stamp": galaxy_config("svdquant", stamp=True),
+            "rtn W4A4 + stamp, blk64": galaxy_config("rtn", stamp=True, block_size=64)}
+    calib = calibration_batches(model, n=4, steps=4)
+    preps = {k: prepare(model, c, calib) for k, c in cfgs.items()}
+    noise = galaxy.initial_noise(n, 0, (model.channels, model.img_size, model.img_size))
+    times = {"fp": [], **{k: [] for k in cfgs}}
+    with torch.no_grad():
+        galaxy.sample(model, noise=noise, steps=2, progress=False)  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            galaxy.sample(model, noise=noise, steps=steps, progress=False)
+            times["fp"].append(time.perf_counter() - t)
+            for k, c in cfgs.items():
+                with rcp.apply(model, c.recipe, preps[k], check_finite=False, progress=False):
+                    t = time.perf_counter()
+                    galaxy.sample(model, noise=noise, steps=steps, progress=False)
+                    times[k].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    ratio = {k: med[k] / med["fp"] for k in med}
+    out = {"n": n, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(), "seconds": med,
+           "time_ratio": ratio, "target_ratio": 3.0, "met": all(r <= 3.0 for r in ratio.values())}
+    print(f"galaxy sampling benchmark: {n} images, {steps} Heun steps ({2 * steps - 1} calls), "
+          f"{out['threads']} threads, median of {repeats}")
+    for k in med:
+        print(f"  {k:26s} {med[k]:7.2f} s   x{ratio[k]:.2f} FP")
+    print(f"  target: every quantized configuration <= 3x FP: {'met' if out['met'] else 'MISSED'}")
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stamp_lib.diffusion", description=(
+        "One row of the galaxy-model table: SQNR of quantized samples against full precision (same noise), "
+        "without and with STaMP, paired. `python -m stamp_lib.diffusion bench` times sampling instead."))
+    p.add_argument("--method", default="rtn", choices=METHODS[1:])
+    p.add_argument("--w-bits", type=int, default=4, help="0 keeps weights in full precision")
+    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--hp-tokens", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=0, help="0: per-token ranges; 64: per block of 64 features")
+    p.add_argument("--rank", type=int, default=16, help="low-rank branch of svdquant")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--images", type=int, default=8, help="images per seed")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--out", default=None, help="results file (JSON)")
+    return p
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        b = argparse.ArgumentParser(prog="python -m stamp_lib.diffusion bench")
+        b.add_argument("--images", type=int, default=8)
+        b.add_argument("--steps", type=int, default=16)
+        b.add_argument("--repeats", type=int, default=3)
+        b.add_argument("--threads", type=int, default=None)
+        a = b.parse_args(argv[1:])
+        return benchmark(a.images, a.steps, a.repeats, a.threads)
+    a = _parser().parse_args(argv)
+    from . import study
+
+    model = galaxy.load_galaxy_model()
+    kw = dict(w_bits=a.w_bits or None, a_bits=a.a_bits, hp_tokens=a.hp_tokens, block_size=a.block_size or None,
+              rank=a.rank)
+    cfgs = {"base": galaxy_config(a.method, **kw), "stamp": galaxy_config(a.method, stamp=True, **kw)}
+    refs = [reference(model, seed, a.images, a.steps) for seed in range(a.seeds)]
+    calib = calibration_batches(model, steps=a.steps) if cfgs["base"].recipe.needs_calibration() else None
+    res = run_configs(model, cfgs, refs, calib, progress=False)
+    pr = paired(res["base"], res["stamp"])
+    for k, r in res.items():
+        print(f"{r.name:32s} SQNR {r.mean():6.2f} dB +- {r.se():.2f} s.e. over {r.n} images "
+              f"(seed sd {r.seed_spread():.2f}); {r.act_bits:.4f} bits")
+    print(f"paired (stamp - base): {pr['delta_db']:+.2f} dB +- {pr['se_db']:.2f} s.e., higher in {pr['wins']}/{pr['n']}")
+    out = {"results": {k: {**r.summary(), "knobs": r.config.knobs()} for k, r in res.items()}, "paired": pr,
+           "protocol": "galaxy hsc_ScoreNet64, EDM Heun sampler, SQNR per image against full precision from the "
+                       "same noise, image space", "simulated": "fake quantization in floating point"}
+    path = Path(a.out) if a.out else study.results_dir() / "diffusion" / f"galaxy-{cfgs['base'].name.replace(' ', '_')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=float))
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,214 @@
+"""The galaxy image-generator experiment (stamp_lib.diffusion): switched-off sampling is the
+full-precision sampling, the grid transform reaches exactly the channel-mixing inputs (equal to
+an independent STaMP computation there, plain quantization elsewhere), folding without
+quantization changes nothing, metrics and paired comparisons, clear errors."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from stamp_lib import diffusion as D
+from stamp_lib import galaxy as G
+from stamp_lib import hooks, metrics, quant, transforms
+from stamp_lib import recipe as rcp
+from stamp_lib.recipe import Recipe, Rule, WeightQuant
+
+pytestmark = [
+    pytest.mark.models,
+    pytest.mark.skipif(importlib.util.find_spec("galaxygrad") is None, reason=f"needs `{G.INSTALL_HINT}`"),
+]
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def model(one_thread):
+    return G.load_galaxy_model()
+
+
+@pytest.fixture(scope="module")
+def refs(model):
+    return [D.reference(model, seed, n=2, steps=STEPS) for seed in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def calib(model):
+    return D.calibration_batches(model, seed=1000, n=2, steps=STEPS)
+
+
+def test_reference_records_first_call_of_every_step(model, refs):
+    r = refs[0]
+    assert len(r.inputs) == len(r.scores) == STEPS
+    assert [t for _, t in r.inputs] == pytest.approx(r.times[:STEPS].tolist())
+    s = G.sample(model, noise=r.noise, steps=STEPS, progress=False)
+    assert torch.equal(s.y, r.y)
+    torch.testing.assert_close(model(*r.inputs[1]), r.scores[1])
+
+
+def test_switched_off_sampling_is_full_precision(model, refs):
+    """The fp configuration goes through apply() and the same sampler: the very same bytes."""
+    out = D.evaluate(model, D.galaxy_config("fp"), refs, score_batches=2)
+    assert torch.isinf(out.sqnr_image).all() and torch.isinf(out.sqnr_y).all()
+    assert torch.isinf(out.score_sqnr).all()
+    with rcp.apply(model, D.galaxy_config("fp").recipe, check_finite=False):
+        y = G.sample(model, noise=refs[0].noise, steps=STEPS, progress=False).y
+    assert torch.equal(y, refs[0].y)
+
+
+def test_grid_transform_reaches_only_channel_mixing_inputs(model, refs):
+    """Every quantized input equals an independent computation: STaMP with the 2-D Haar (3 levels,
+    16 x 16 grid, 4 rows at 8 bits) on channel-mixing inputs, plain 4-bit per-row quantization on
+    token-mixing inputs (rows = 64 channels)."""
+    cfg = D.galaxy_config("rtn", stamp=True, w_bits=None)
+    T = transforms.HaarDWT2D((16, 16), levels=3)
+    bits = torch.full((256,), 4)
+    bits[:4] = 8
+    seen = {}
+
+    def observe(name, x, x_hat):
+        seen.setdefault(name, []).append(tuple(x.shape))
+        if hooks.matches(name, D.CHANNEL_MIXING):
+            want = quant.stamp_fake_quant(x, T, bits)
+        else:
+            want = quant.fake_quant(x, 4)
+        torch.testing.assert_close(x_hat, want, rtol=1e-5, atol=1e-5)
+
+    y, t = refs[0].inputs[1]
+    with rcp.apply(model, cfg.recipe, observe=observe) as st:
+        model(y, t)
+    assert len(seen) == 16
+    for name, shapes in seen.items():
+        s, d = shapes[0][-2:]
+        if "hidden_mixer" in name:
+            assert (s, d) == (256, 64 if name.endswith("fc1") else 512)
+        else:
+            assert (s, d) == (64, 256 if name.endswith("fc1") else 512)
+    assert st.average_bits() == pytest.approx((8 * (4 * 8 + 252 * 4) + 8 * 64 * 4) / (8 * 256 + 8 * 64))
+
+
+def test_bit_matched_baseline_keeps_first_tokens(model, refs):
+    """Without STaMP the first hp untransformed tokens get the 8 bits: same average bits."""
+    base = D.galaxy_config("rtn", w_bits=None, hp_tokens=16)
+    stamp = D.galaxy_config("rtn", w_bits=None, hp_tokens=16, stamp=True)
+
+    def check(name, x, x_hat):
+        if hooks.matches(name, D.CHANNEL_MIXING):
+            b = torch.full((256,), 4)
+            b[:16] = 8
+            torch.testing.assert_close(x_hat, quant.fake_quant(x, b), rtol=1e-5, atol=1e-5)
+
+    y, t = refs[0].inputs[0]
+    with rcp.apply(model, base.recipe, observe=check) as st_b:
+        model(y, t)
+    with rcp.apply(model, stamp.recipe) as st_s:
+        model(y, t)
+    assert st_b.average_bits() == pytest.approx(st_s.average_bits())
+
+
+@pytest.mark.parametrize("rule, seed", [
+    (Rule("*", feature="hadamard"), None),
+    (Rule("*", feature="hadamard"), 3),
+    (Rule("*", feature="smoothquant"), None),
+    (Rule("*", weight=WeightQuant(bits=16, lowrank=16)), None),
+    (Rule("*", weight=WeightQuant(bits=16, lowrank=8), feature="smoothquant"), None),
+])
+def test_folding_without_quantization_keeps_outputs(model, refs, calib, rule, seed):
+    """Feature transforms folded into the weights (plain and randomized Hadamard, SmoothQuant) and
+    the low-rank branch (residual at 16 bits) leave the network output unchanged up to float error."""
+    cfg = D.Config("fold", Recipe((rule,)), hadamard_seed=seed)
+    prep = D.prepare(model, cfg, calib)
+    if seed is not None:
+        assert all(f.seed == seed for f in prep.features.values())
+    y, t = refs[0].inputs[1]
+    want = model(y, t)
+    with rcp.apply(model, cfg.recipe, prep):
+        got = model(y, t)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    assert torch.equal(model(y, t), want)  # restored
+
+
+def test_quantized_run_metrics(model, refs, calib):
+    cfgs = {"base": D.galaxy_config("svdquant", rank=4), "stamp": D.galaxy_config("svdquant", rank=4, stamp=True)}
+    res = D.run_configs(model, cfgs, refs, calib, score_batches=1, progress=False)
+    for r in res.values():
+        assert r.n == 4 and torch.isfinite(r.sqnr_image).all() and r.score_sqnr.shape == (1, STEPS)
+        assert r.seed_means().shape == (2,) and math.isfinite(r.seed_spread())
+        assert r.channel_bits == pytest.approx(4 + 4 * 4 / 256)
+        assert r.images.shape == refs[0].image.shape
+        json.dumps(r.summary())
+    p = D.paired(res["base"], res["stamp"])
+    d = res["stamp"].sqnr_image - res["base"].sqnr_image
+    assert p["delta_db"] == pytest.approx(float(d.mean())) and p["n"] == 4 and p["wins"] == int((d > 0).sum())
+
+
+def test_sqnr_per_image_matches_metrics():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    got = D.sqnr_per_image(a, a + 0.1 * b)
+    for i in range(3):
+        assert float(got[i]) == pytest.approx(metrics.sqnr_db(a[i], a[i] + 0.1 * b[i]))
+    peak = a[0].max() - a[0].min()
+    assert float(D.psnr_per_image(a, a + 0.1 * b)[0]) == pytest.approx(
+        float(10 * torch.log10(peak**2 / (0.1 * b[0]).pow(2).mean())), rel=1e-5)
+    with pytest.raises(ValueError, match="same shape"):
+        D.sqnr_per_image(a, a[:2])
+
+
+def test_paired_needs_the_same_images(model, refs):
+    r1 = D.evaluate(model, D.galaxy_config("rtn", w_bits=None), refs[:1], score_batches=0)
+    r2 = D.evaluate(model, D.galaxy_config("rtn", w_bits=None), refs, score_batches=0)
+    with pytest.raises(ValueError, match="same images"):
+        D.paired(r1, r2)
+
+
+def test_row_structure_separates_tokens_from_channels(model, refs):
+    """Shuffling the rows destroys the compaction of patch tokens, not that of channel rows."""
+    rs = D.row_structure(model, refs[:1], steps=(1,), n_perm=4)
+    ch = [v for v in rs.values() if v["kind"] == "channel"]
+    tk = [v for v in rs.values() if v["kind"] == "token"]
+    assert len(ch) == len(tk) == 8
+    for v in rs.values():
+        assert 0 <= v["toeplitz"] <= 1 and 0 < v["energy_shuffled"] <= 1
+        assert v["S"].shape == (v["s"], v["s"])
+    assert min(v["energy"] - v["energy_shuffled"] for v in ch) > 0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="gptq"), "unknown method"),
+    (dict(method="rtn", hp_tokens=300), "exceeds"),
+    (dict(method="rtn", hadamard_seed=1), "hadamard_seed"),
+    (dict(method="rtn", token_stamp=True, token_hp=0), "token_hp"),
+    (dict(method="svdquant", w_bits=None), "low-rank"),
+    (dict(method="rtn", hp_tokens=-1), "hp_tokens"),
+])
+def test_bad_configs(kw, match):
+    with pytest.raises(ValueError, match=match):
+        D.galaxy_config(**kw)
+
+
+def test_calibration_is_required_and_named(model, refs):
+    with pytest.raises(ValueError, match="calibration"):
+        D.evaluate(model, D.galaxy_config("svdquant"), refs[:1])
+
+
+def test_wrong_grid_is_refused(model, refs):
+    cfg = D.galaxy_config("rtn", stamp=True, grid=(8, 32))  # 256 tokens, wrong shape: fine
+    D.evaluate(model, cfg, refs[:1], score_batches=0)
+    with pytest.raises(ValueError, match="token grid 8x16"):
+        cfg = D.galaxy_config("rtn", stamp=True, grid=(8, 16))
+        D.evaluate(model, cfg, refs[:1], score_batches=0)
+
+
+def test_cli_one_row(tmp_path, model):
+    out = D.main(["--method", "rtn", "--w-bits", "0", "--seeds", "1", "--images", "2", "--steps", "2",
+                  "--out", str(tmp_path / "r.json")])
+    assert set(out["results"]) == {"base", "stamp"} and out["paired"]["n"] == 2
+    assert json.loads((tmp_path / "r.json").read_text())["paired"]["n"] == 2
+
+
+def test_benchmark_smoke(model):
+    out = D.benchmark(n=1, steps=1, repeats=1)
+    assert set(out["time_ratio"]) >= {"fp", "rtn W4A4 + stamp"} and out["time_ratio"]["fp"] == 1.0
