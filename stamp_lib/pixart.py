@@ -1,0 +1,540 @@
+r"""PixArt-Sigma (diffusers) with the book's recipes: STaMP over the latent patch grid.
+
+The paper's image results (Figure 1, Table 1) are on PixArt-Sigma. Its weights are not available
+here, so this module is the code path for a machine that has them, tested end to end on tiny
+random-init configurations of the same diffusers classes.
+
+Which linear layers see what (classified by *name*, :func:`roles`; never by shape)
+---------------------------------------------------------------------------------
+==========  ====================================================================  ==================
+role        layers (``transformer_blocks.<i>.`` prefix where it applies)         activations
+==========  ====================================================================  ==================
+``image``   ``attn1.to_q/to_k/to_v/to_out.0``, ``attn2.to_q``, ``attn2.to_out.0``,  (B, h*w, d): STaMP,
+            ``ff.net.0.proj``, ``ff.net.2``, ``proj_out``                         2-D Haar over the grid
+``text``    ``attn2.to_k/to_v``, ``caption_projection.linear_1/linear_2``          (B, 300 T5 tokens, d)
+``time``    ``adaln_single.*`` (timestep and size embeddings, the adaLN linear)    (B, d): one vector
+==========  ====================================================================  ==================
+
+* ``image`` inputs get STaMP: the multi-level 2-D Haar DWT over the latent patch grid
+  (``grid="auto"``), ``hp_tokens`` transformed rows at ``hp_bits``; the bit-matched baseline keeps
+  its first ``hp_tokens`` untransformed tokens at ``hp_bits``.
+* ``text`` inputs are T5 token embeddings (padded to 300): no spatial grid, and the paper does not
+  transform cross-attention text inputs. They get plain per-token quantization at ``a_bits``,
+  identical with and without STaMP (``text_bits=None`` keeps them in full precision).
+* ``time`` inputs are one vector per sample: there is no sequence to transform. They get plain
+  per-vector quantization at ``a_bits`` (``time_bits=None``: full precision).
+
+The grid (h, w) is read from the latent actually fed to the transformer (a forward pre-hook on it:
+latent height and width divided by the patch size), never from the pipeline's height/width
+(resolution binning changes them) nor from the token count (which cannot tell 8 x 32 from 16 x 16).
+Odd sides (binning gives e.g. 8 x 29 at 256 px) stay exact: the 2-D Haar carries the last row or
+column of an odd band unchanged, an orthogonal map.
+
+Traps refused with a clear error (:func:`check_transformer`): fused QKV projections (their hooks
+would never fire), a compiled module (hooks added after ``torch.compile`` are ignored), PEFT/LoRA
+wrappers (merge them first), feed-forward chunking over tokens (the token count then is not
+h * w), and anything that is not the pipeline's transformer (the VAE's own attention linears are
+never hooked).
+
+Full size, on a machine with the weights and a GPU::
+
+    python -m stamp_lib.pixart --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS \
+        --prompts data/prompts/pixart_prompts.txt --device cuda --dtype float16
+
+runs Figure 1 (A4: plain, +STaMP, +Hadamard, both) and Table 1 (W4A4, per-block-64: RTN,
+Hadamard, SVDQuant-style, each without and with STaMP), SQNR of the decoded images against full
+precision from the same latents and prompt, paired per image, and writes a JSON file.
+Quantization is simulated (fake quantization in floating point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import recipe as rcp
+from .recipe import ActQuant, Recipe, Rule, WeightQuant
+
+__all__ = ["IMAGE", "TEXT", "TIME", "roles", "pixart_recipe", "protocol_configs", "check_transformer",
+           "quantized", "tiny_pipeline", "Prompts", "encode_prompts", "generate", "run_protocol",
+           "load_pipeline", "check_tokenizer", "read_prompts", "main"]
+
+_B = r"transformer_blocks\.\d+\."
+IMAGE = tuple(re.compile(p) for p in (
+    _B + r"attn1\.to_(q|k|v|out\.0)", _B + r"attn2\.to_(q|out\.0)", _B + r"ff\.net\.(0\.proj|2)", r"proj_out"))
+TEXT = tuple(re.compile(p) for p in (_B + r"attn2\.to_(k|v)", r"caption_projection\.linear_[12]"))
+TIME = (re.compile(r"adaln_single\..+"),)
+# copies made by Attention.fuse_projections: never called unless a fused processor is set
+_FUSED_COPIES = re.compile(_B + r"attn[12]\.to_(qkv|kv)")
+METHODS = ("fp", "rtn", "hadamard", "svdquant")
+_FEATURE = {"fp": None, "rtn": None, "hadamard": "hadamard", "svdquant": "smoothquant"}
+
+
+def _role(name: str) -> str | None:
+    for role, pats in (("image", IMAGE), ("text", TEXT), ("time", TIME)):
+        if any(p.fullmatch(name) for p in pats):
+            return role
+    return None
+
+
+def roles(transformer: nn.Module) -> dict[str, str]:
+    """``{name: "image" | "text" | "time"}`` for every ``nn.Linear`` of a PixArt transformer.
+
+    Raises ``ValueError`` naming any linear layer that fits no role (another architecture, or a
+    wrapper such as LoRA): the recipes would otherwise silently leave it out or misread its rows."""
+    out, unknown = {}, []
+    for name, m in transformer.named_modules():
+        if not isinstance(m, nn.Linear) or _FUSED_COPIES.fullmatch(name):
+            continue
+        r = _role(name)
+        if r is None:
+            unknown.append(name)
+        else:
+            out[name] = r
+    if unknown:
+        raise ValueError(f"linear layers of no known PixArt role (image tokens, text tokens, timestep): "
+                         f"{unknown[:6]}{' ...' if len(unknown) > 6 else ''}; this is not a plain "
+                         "PixArtTransformer2DModel")
+    return out
+
+
+# ----------------------------------------------------------------------------- recipes
+def pixart_recipe(method: str, *, stamp: bool = False, w_bits: int | None = 4, a_bits: int = 4,
+                  hp_tokens: int = 64, hp_bits: int = 8, levels: int = 3, block_size: int | None = 64,
+                  rank: int = 32, alpha: float = 0.5, text_bits: int | None = 4, time_bits: int | None = 4) -> Recipe:
+    """The recipe of one cell of Figure 1 / Table 1 for PixArt (see the module docstring).
+
+    ``stamp``: 2-D Haar DWT (``levels``) over the latent grid on the image-token inputs (else the
+    bit-matched baseline). ``w_bits=None``: full-precision weights (Figure 1's A4). ``block_size``:
+    per-block activation ranges (64, the paper's Table 1) or per token (``None``). ``svdquant``:
+    SmoothQuant smoothing (``alpha``) + a rank-``rank`` full-precision branch; needs calibration.
+    ``text_bits`` / ``time_bits``: plain quantization of the text-token and timestep inputs
+    (``None``: full precision)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method == "fp":
+        return Recipe((Rule("*"),), name="fp")
+    lowrank = rank if method == "svdquant" else 0
+    if w_bits is None and lowrank:
+        raise ValueError("the svdquant low-rank branch needs quantized weights (w_bits)")
+    w = None if w_bits is None else WeightQuant(bits=w_bits, lowrank=lowrank)
+    feat = _FEATURE[method]
+    img = ActQuant(bits=f"{hp_tokens}x{hp_bits}+{a_bits}" if hp_tokens else a_bits,
+                   transform="dwt" if stamp else "identity", levels=levels if stamp else None,
+                   grid="auto" if stamp else None, block_size=block_size)
+    rules = [Rule(list(IMAGE), act=img, weight=w, feature=feat, alpha=alpha)]
+    for pats, bits in ((TEXT, text_bits), (TIME, time_bits)):
+        act = None if bits is None else ActQuant(bits=bits, block_size=block_size)
+        rules.append(Rule(list(pats), act=act, weight=w, feature=feat, alpha=alpha))
+    wname = "A" if w_bits is None else f"W{w_bits}A"
+    name = f"{method} {wname}{a_bits}{' +stamp' if stamp else ''} hp{hp_tokens}" + (
+        f" blk{block_size}" if block_size else "")
+    return Recipe(tuple(rules), name=name)
+
+
+def protocol_configs(hp_tokens: int = 64, block_size: int | None = 64, rank: int = 32) -> dict[str, Recipe]:
+    """Figure 1 (A4, full-precision weights: plain, +STaMP, +Hadamard, both) and Table 1 (W4A4:
+    RTN, Hadamard, SVDQuant-style, each without and with STaMP), per-block-``block_size``."""
+    kw = dict(hp_tokens=hp_tokens, block_size=block_size)
+    out = {"A4": pixart_recipe("rtn", w_bits=None, **kw),
+           "A4 +stamp": pixart_recipe("rtn", w_bits=None, stamp=True, **kw),
+           "A4 +hadamard": pixart_recipe("hadamard", w_bits=None, **kw),
+           "A4 +both": pixart_recipe("hadamard", w_bits=None, stamp=True, **kw)}
+    for m in ("rtn", "hadamard", "svdquant"):
+        out[f"{m} W4A4"] = pixart_recipe(m, rank=rank, **kw)
+        out[f"{m} W4A4 +stamp"] = pixart_recipe(m, stamp=True, rank=rank, **kw)
+    return out
+
+
+# ----------------------------------------------------------------------------- traps
+def _is_compiled(module: nn.Module) -> bool:
+    if type(module).__name__ == "OptimizedModule" or hasattr(module, "_orig_mod"):
+        return True
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
+def check_transformer(transformer) -> None:
+    """Refuse, with an error that says what to do, the models on which hooks would silently miss
+    layers or misread the token grid (see the module docstring)."""
+    from diffusers import PixArtTransformer2DModel
+    from diffusers.models.attention_processor import Attention
+
+    if isinstance(transformer, nn.Module) and _is_compiled(transformer):
+        raise RuntimeError("the transformer is compiled (torch.compile / Module.compile): hooks added after "
+                           "compiling are silently ignored. Quantize the uncompiled module (e.g. "
+                           "transformer._orig_mod) and compile afterwards, inside the quantized() block")
+    if not isinstance(transformer, PixArtTransformer2DModel):
+        what = type(transformer).__name__
+        hint = " (pass pipe.transformer, not the pipeline)" if hasattr(transformer, "transformer") else ""
+        raise TypeError(f"expected the pipeline's PixArtTransformer2DModel, got a {what}{hint}; only the "
+                        "transformer is quantized (the VAE's own attention layers are never hooked)")
+    for name, m in transformer.named_modules():
+        if hasattr(m, "base_layer") or type(m).__module__.startswith("peft") or ".lora_" in name:
+            raise RuntimeError(f"{name or 'the transformer'} is wrapped by PEFT/LoRA ({type(m).__name__}): "
+                               "merge the adapters first (pipe.fuse_lora(); pipe.unload_lora_weights()) so every "
+                               "projection is a plain nn.Linear")
+        if isinstance(m, Attention) and "Fused" in type(m.processor).__name__:
+            raise RuntimeError(f"{name}: fused QKV projections ({type(m.processor).__name__}) call to_qkv/to_kv, "
+                               "so hooks on to_q/to_k/to_v would never fire; call "
+                               "transformer.unfuse_qkv_projections() first")
+        if getattr(m, "_chunk_size", None) is not None and getattr(m, "_chunk_dim", 0) != 0:
+            raise RuntimeError(f"{name}: feed-forward chunking over tokens (chunk size {m._chunk_size}) feeds ff "
+                               "slices whose token count is not h*w; disable it with "
+                               "block.set_chunk_feed_forward(None)")
+    roles(transformer)
+
+
+@contextlib.contextmanager
+def quantized(transformer, recipe: Recipe, prepared: rcp.Prepared | None = None, calib=None, *,
+              observe=None, check_finite: bool | None = False):
+    """Apply ``recipe`` to a PixArt transformer for the duration of the block; yields the
+    :class:`~stamp_lib.recipe.Applied` handle.
+
+    Checks the traps first (:func:`check_transformer`) and adds a forward pre-hook on the
+    transformer that sets the token grid of every forward from its latent input (B, C, H, W):
+    ``(H / patch, W / patch)``. ``observe`` is passed to :func:`stamp_lib.recipe.apply`."""
+    check_transformer(transformer)
+    p = int(transformer.config.patch_size)
+
+    with rcp.apply(transformer, recipe, prepared, calib, observe=observe, check_finite=check_finite,
+                   progress=False) as st:
+        def set_grid(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"the transformer's latent input must be (B, C, H, W) to give the token grid; got {got}")
+            H, W = x.shape[-2:]
+            if H % p or W % p:
+                raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
+            st.set_grid((H // p, W // p))
+
+        h = transformer.register_forward_pre_hook(set_grid, with_kwargs=True)
+        try:
+            yield st
+        finally:
+            h.remove()
+            st.set_grid(None)
+
+
+# ----------------------------------------------------------------------------- pipelines
+def tiny_pipeline(seed: int = 0, *, layers: int = 2, heads: int = 2, head_dim: int = 32, caption_channels: int = 64,
+                  sample_size: int = 32, vae_blocks: int = 4, dtype=torch.float32):
+    """A random-init ``PixArtSigmaPipeline`` (no tokenizer or text encoder: call it with prompt
+    embeddings of ``caption_channels`` features) with a small transformer, a small AutoencoderKL
+    (``vae_blocks`` levels: latent = image / 2^(vae_blocks-1)) and a DPM-Solver++ scheduler.
+    For tests and demonstrations of the code path; its images are noise-like."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    tr = PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                  out_channels=8, num_layers=layers, cross_attention_dim=heads * head_dim,
+                                  sample_size=sample_size, patch_size=2, caption_channels=caption_channels,
+                                  norm_type="ada_norm_single", use_additional_conditions=False)
+    # random init leaves the adaLN tables small and the output projections at their defaults: give
+    # the blocks visible effect so that quantization error is not hidden by near-zero gates
+    with torch.no_grad():
+        for blk in tr.transformer_blocks:
+            blk.scale_shift_table.normal_(0, 0.5)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+                        up_block_types=("UpDecoderBlock2D",) * vae_blocks, block_out_channels=(8,) * vae_blocks,
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=sample_size * 8)
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=tr,
+                               scheduler=DPMSolverMultistepScheduler())
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class Prompts:
+    """Encoded prompts: embeddings (n, L, c) and masks (n, L), and the negative ("") ones."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    neg_embeds: torch.Tensor
+    neg_mask: torch.Tensor
+    texts: tuple = ()
+
+    def __len__(self):
+        return self.embeds.shape[0]
+
+    def take(self, i: int) -> "Prompts":
+        return Prompts(self.embeds[i:i + 1], self.mask[i:i + 1], self.neg_embeds[i:i + 1], self.neg_mask[i:i + 1],
+                       self.texts[i:i + 1])
+
+
+@torch.no_grad()
+def encode_prompts(pipe, texts: list[str], max_sequence_length: int = 300) -> Prompts:
+    """T5 embeddings of ``texts`` and of the empty negative prompt, with the pipeline's own
+    encoder (checked with :func:`check_tokenizer` first)."""
+    if pipe.tokenizer is None or pipe.text_encoder is None:
+        raise ValueError("this pipeline has no tokenizer/text encoder: pass prompt embeddings instead")
+    check_tokenizer(pipe.tokenizer)
+    out = [], [], [], []
+    for t in texts:
+        e, m, ne, nm = pipe.encode_prompt(t, do_classifier_free_guidance=True, negative_prompt="",
+                                          max_sequence_length=max_sequence_length, clean_caption=False)
+        for lst, v in zip(out, (e, m, ne, nm)):
+            lst.append(v)
+    return Prompts(*(torch.cat(v) for v in out), texts=tuple(texts))
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Prompts, latents: torch.Tensor, *, steps: int = 20, guidance_scale: float = 4.5,
+             decode: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(final latents, decoded images in [-1, 1] or None)`` for one prompt (``len(prompts) == 1``)
+    from the given initial ``latents`` (1, C, h, w): deterministic, so two runs with the same
+    latents compare directly. The grid the transformer sees is ``latents``' size / patch size."""
+    if len(prompts) != 1 or latents.shape[0] != 1:
+        raise ValueError("generate takes one prompt and one latent at a time")
+    dev = pipe._execution_device
+    out = pipe(prompt=None, negative_prompt=None, prompt_embeds=prompts.embeds.to(dev),
+               prompt_attention_mask=prompts.mask.to(dev), negative_prompt_embeds=prompts.neg_embeds.to(dev),
+               negative_prompt_attention_mask=prompts.neg_mask.to(dev), latents=latents.to(dev),
+               num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
+               use_resolution_binning=False, height=latents.shape[-2] * pipe.vae_scale_factor,
+               width=latents.shape[-1] * pipe.vae_scale_factor, return_dict=False)[0]
+    img = None
+    if decode:
+        vae = pipe.vae
+        img = vae.decode(out.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0].clamp(-1, 1)
+    return out, img
+
+
+def initial_latents(pipe, seed: int, height: int, width: int) -> torch.Tensor:
+    """Standard normal latents (1, C, height / f, width / f) from ``seed`` (CPU generator, float32)."""
+    f = pipe.vae_scale_factor
+    if height % f or width % f:
+        raise ValueError(f"height {height} and width {width} must be multiples of the VAE factor {f}")
+    c = pipe.transformer.config.in_channels
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn((1, c, height // f, width // f), generator=g) * pipe.scheduler.init_noise_sigma
+
+
+@torch.no_grad()
+def calibration_inputs(pipe, prompts: Prompts, seeds, height: int, width: int, *, steps: int = 20,
+                       guidance_scale: float = 4.5, every: int = 4) -> list[dict]:
+    """Transformer inputs (keyword dicts, every ``every``-th call) recorded during full-precision
+    generation of ``prompts``: calibration data for SmoothQuant scales."""
+    rec = []
+    calls = [0]
+
+    def hook(module, args, kwargs):
+        if calls[0] % every == 0:
+            d = {k: v for k, v in kwargs.items() if k != "cross_attention_kwargs"}
+            d["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+            d["return_dict"] = False
+            rec.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in d.items()})
+        calls[0] += 1
+
+    h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(len(prompts)):
+            for s in seeds:
+                generate(pipe, prompts.take(i), initial_latents(pipe, s, height, width), steps=steps,
+                         guidance_scale=guidance_scale, decode=False)
+    finally:
+        h.remove()
+    return rec
+
+
+def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0,), height: int, width: int,
+                 steps: int = 20, guidance_scale: float = 4.5, calib: list | None = None, progress: bool = True) -> dict:
+    """Figure 1 / Table 1 on ``pipe``: per configuration, the SQNR (dB) of every decoded image (and
+    of its final latent) against full precision from the same prompt and latents, the bits spent,
+    and paired differences ``+stamp`` minus baseline. Returns a JSON-ready dict."""
+    from tqdm.auto import tqdm
+
+    from .diffusion import sqnr_per_image
+
+    tr = pipe.transformer
+    check_transformer(tr)
+    jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
+    ref = {}
+    t0 = time.perf_counter()
+    for i, s in tqdm(jobs, desc="full precision", disable=not progress, leave=False):
+        ref[i, s] = generate(pipe, prompts.take(i), initial_latents(pipe, s, height, width), steps=steps,
+                             guidance_scale=guidance_scale)
+    fp_seconds = time.perf_counter() - t0
+    preps, res = {}, {}
+    for name, r in tqdm(list(configs.items()), desc="configurations", disable=not progress, leave=False):
+        key = r.prep_key()
+        if key not in preps:
+            if r.needs_calibration() and calib is None:
+                raise ValueError(f"{name} needs calibration inputs (calibration_inputs(...))")
+            preps[key] = rcp.prepare(tr, r, calib if r.needs_calibration() else None, progress=False)
+        img_sq, lat_sq = [], []
+        t0 = time.perf_counter()
+        with quantized(tr, r, preps[key]) as st:
+            for i, s in jobs:
+                lat, img = generate(pipe, prompts.take(i), initial_latents(pipe, s, height, width), steps=steps,
+                                    guidance_scale=guidance_scale)
+                img_sq.append(sqnr_per_image(ref[i, s][1], img))
+                lat_sq.append(sqnr_per_image(ref[i, s][0], lat))
+        v = torch.cat(img_sq)
+        res[name] = {"sqnr_image_db": float(v.mean()), "se_db": float(v.std() / math.sqrt(v.numel())) if v.numel() > 1
+                     else float("nan"), "per_image_db": v.tolist(), "sqnr_latent_db": float(torch.cat(lat_sq).mean()),
+                     "act_bits": st.average_bits(), "seconds": round(time.perf_counter() - t0, 2),
+                     "recipe": r.knobs()}
+    pairs = {}
+    for name in res:
+        if name.endswith(" +stamp") and name[: -len(" +stamp")] in res:
+            a = torch.tensor(res[name[: -len(" +stamp")]]["per_image_db"])
+            b = torch.tensor(res[name]["per_image_db"])
+            d = b - a
+            pairs[name] = {"delta_db": float(d.mean()), "se_db": float(d.std() / math.sqrt(d.numel()))
+                           if d.numel() > 1 else float("nan"), "wins": int((d > 0).sum()), "n": d.numel()}
+    return {"configs": res, "paired": pairs, "fp_seconds": round(fp_seconds, 2), "n_images": len(jobs),
+            "seeds": list(seeds), "height": height, "width": width, "steps": steps, "guidance_scale": guidance_scale,
+            "scheduler": type(pipe.scheduler).__name__,
+            "protocol": "SQNR of decoded images (VAE output clamped to [-1, 1]) against full precision from the "
+                        "same prompt and initial latents; paired per image",
+            "simulated": "fake quantization in floating point"}
+
+
+# ----------------------------------------------------------------------------- real checkpoints
+def _missing_hint(model: str) -> str:
+    return (f"download it on a machine with network access (`huggingface-cli download {model}`) and copy the "
+            "Hugging Face cache (HF_HOME), or pass --model a local folder in diffusers format "
+            "(model_index.json with transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
+
+
+def _local_folder(model: str) -> Path:
+    """The folder holding ``model``: itself if local, else its snapshot in the local HF cache;
+    a ``FileNotFoundError`` that says what is missing otherwise (never a download)."""
+    p = Path(model).expanduser()
+    if p.exists():
+        folder = p
+    else:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = Path(snapshot_download(model, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError) as e:
+            raise FileNotFoundError(
+                f"PixArt checkpoint {model!r} is not in the local Hugging Face cache "
+                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and HF_HUB_OFFLINE=1 forbids downloading "
+                f"({type(e).__name__}); {_missing_hint(model)}") from e
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json: not a diffusers pipeline folder; {_missing_hint(model)}")
+    comps = [k for k, v in json.loads(index.read_text()).items()
+             if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    missing = [c for c in comps if not (folder / c).is_dir() or not any((folder / c).iterdir())]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks the component folder(s) {missing} listed in model_index.json; "
+                                f"{_missing_hint(model)}")
+    return folder
+
+
+def check_tokenizer(tokenizer, probe: str = "a red apple on a wooden table") -> None:
+    """Refuse a tokenizer that maps ordinary words to the unknown token (a T5 tokenizer loaded
+    without its sentencepiece model does): every prompt would condition on ``<unk>``."""
+    ids = tokenizer(probe).input_ids
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    words = [i for i in ids if i not in special or i == unk]
+    if not words or (unk is not None and all(i == unk for i in words)):
+        raise RuntimeError(f"the tokenizer ({type(tokenizer).__name__}) maps every word of {probe!r} to the unknown "
+                           f"token (ids {ids}): its vocabulary did not load. Install sentencepiece and protobuf, "
+                           "or check the tokenizer/ folder of the checkpoint (spiece.model)")
+
+
+def load_pipeline(model: str, *, dtype: str = "float16", device: str | None = None):
+    """``PixArtSigmaPipeline`` from a local folder or the local Hugging Face cache (never the
+    network: ``HF_HUB_OFFLINE=1``), its tokenizer checked. Missing files give a
+    ``FileNotFoundError`` that names them instead of diffusers' generic OSError."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers import PixArtSigmaPipeline
+
+    folder = _local_folder(model)
+    try:
+        pipe = PixArtSigmaPipeline.from_pretrained(folder, dtype=getattr(torch, dtype))
+    except OSError as e:
+        cause = e.__cause__ or e.__context__ or e
+        raise FileNotFoundError(f"loading {model!r} from {folder} failed: {type(cause).__name__}: {cause}. "
+                                f"A weight file is probably missing or incomplete; {_missing_hint(model)}") from e
+    if pipe.tokenizer is not None:
+        check_tokenizer(pipe.tokenizer)
+    if device:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def read_prompts(path) -> list[str]:
+    """Non-empty lines of a text file, ``#`` comments skipped."""
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    out = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not out:
+        raise ValueError(f"{path} holds no prompts")
+    return out
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m stamp_lib.pixart", description=(
+        "Figure 1 and Table 1 of STaMP on PixArt-Sigma: SQNR of quantized images against full precision "
+        "(same prompts and latents), without and with STaMP, paired. Needs the checkpoint locally."))
+    p.add_argument("--model", default="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", help="HF id (local cache) or folder")
+    p.add_argument("--prompts", default="data/prompts/pixart_prompts.txt")
+    p.add_argument("--n-prompts", type=int, default=0, help="evaluation prompts (0: all but the calibration ones)")
+    p.add_argument("--calib-prompts", type=int, default=4, help="the last N prompts calibrate SmoothQuant")
+    p.add_argument("--seeds", type=int, default=1, help="initial latents per prompt")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--hp-tokens", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=64, help="0: per-token activation ranges")
+    p.add_argument("--rank", type=int, default=32, help="SVDQuant-style low-rank branch")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--out", default=None)
+    return p
+
+
+def main(argv=None) -> dict:
+    a = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from . import study
+
+    texts = read_prompts(a.prompts)
+    if a.calib_prompts >= len(texts):
+        raise SystemExit(f"--calib-prompts {a.calib_prompts} leaves no evaluation prompt of {len(texts)}")
+    ev_t, cal_t = texts[: len(texts) - a.calib_prompts], texts[len(texts) - a.calib_prompts:]
+    if a.n_prompts:
+        ev_t = ev_t[: a.n_prompts]
+    pipe = load_pipeline(a.model, dtype=a.dtype, device=a.device)
+    ev, cal = encode_prompts(pipe, ev_t), encode_prompts(pipe, cal_t)
+    configs = protocol_configs(a.hp_tokens, a.block_size or None, a.rank)
+    calib = calibration_inputs(pipe, cal, (1000,), a.height, a.width, steps=a.steps, guidance_scale=a.guidance)
+    out = run_protocol(pipe, ev, configs, seeds=tuple(range(a.seeds)), height=a.height, width=a.width, steps=a.steps,
+                       guidance_scale=a.guidance, calib=calib)
+    out.update(model=a.model, dtype=a.dtype, prompts_file=a.prompts, n_calib_prompts=len(cal_t))
+    for k, r in out["configs"].items():
+        pr = out["paired"].get(k)
+        extra = f"   paired {pr['delta_db']:+.2f} +- {pr['se_db']:.2f} ({pr['wins']}/{pr['n']})" if pr else ""
+        print(f"{k:24s} SQNR {r['sqnr_image_db']:6.2f} dB +- {r['se_db']:.2f}  bits {r['act_bits']:.4f}{extra}")
+    path = Path(a.out) if a.out else study.results_dir() / "pixart" / f"{Path(a.model).name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
