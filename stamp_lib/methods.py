@@ -636,7 +636,8 @@ def gptq_quantize(
 
 
 class HessianAccumulator:
-    r"""Running :math:`\sum x x^\top` over the rows of every ``add(x)`` (float64) and their count.
+    r"""Running :math:`\sum x x^\top` over the rows of every ``add(x)`` and their count (each batch's
+    product in the input's precision, float32 for float32 inputs; the running sum in float64).
 
     ``H`` = sum / count (GPTQ is invariant to the scale of H, so the reference's 2/n factor is
     irrelevant). ``add(x)`` takes (..., d): every leading index is one sample (token). The sum
@@ -659,10 +660,12 @@ class HessianAccumulator:
         if x.shape[-1] != self.d:
             raise ValueError(f"x has {x.shape[-1]} features, the accumulator has d={self.d}")
         dev = self.device if self.device is not None else x.device
-        x2 = x.detach().reshape(-1, self.d).to(device=dev, dtype=torch.float64)
+        x2 = x.detach().reshape(-1, self.d).to(device=dev)
+        if not x2.is_floating_point() or x2.dtype in (torch.float16, torch.bfloat16):
+            x2 = x2.float()
         if not bool(torch.isfinite(x2).all()):
             raise ValueError("x contains non-finite values")
-        xtx = x2.T @ x2
+        xtx = (x2.T @ x2).double()  # products in the input's precision (float32: ~3x faster), sums in float64
         self.sum = xtx if self.sum is None else self.sum + xtx
         self.device = dev
         self.count += x2.shape[0]
