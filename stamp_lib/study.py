@@ -109,7 +109,7 @@ CLAIMS: dict[str, Claim] = {
     ),
     "optimal_vs_two_level": Claim(
         "Log-energy bits vs two levels",
-        r"The allocation that minimises the bound gives row $i$ $\log_2\sqrt{e_i} - C$ bits; the "
+        r"The allocation that minimises the bound gives row $i$ a width of $\log_2\sqrt{e_i} - C$ bits; the "
         "experiments use two levels instead (64 rows at 8 bits, the rest at 4).",
         "Sec. 2, corollary of Theorem 1",
         "derived, not measured; the two-level rule spends 4.125 bits on average at $s = 2048$",
@@ -560,7 +560,7 @@ def format_conditions(cond: dict) -> str:
         if isinstance(v, float):
             from .plotting import num
 
-            v = num(v)
+            v = num(v, 4)
         elif isinstance(v, (list, tuple)):
             v = ", ".join(str(x) for x in v)
         parts.append(f"{k} = {v}" if len(k) <= 2 else f"{k} {v}")
