@@ -63,6 +63,7 @@ $(MATHJAX):
 book: setup
 	$(BOOK) --all -W -n --keep-going
 	$(BIN)/python .ci/check_offline.py _build/html
+	$(BIN)/python .ci/check_legible.py _build/html
 	@echo "book built at STUDY_SIZE=$(STUDY_SIZE): open _build/html/index.html"
 
 test: setup
