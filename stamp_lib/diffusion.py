@@ -106,7 +106,7 @@ def _check_int(v, what, lo=0):
         raise ValueError(f"{what} must be an int >= {lo}, got {v!r}")
 
 
-def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a_bits: int = 4,
+def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a_bits: int | None = 4,
                   hp_tokens: int = 4, hp_bits: int = 8, levels: int = 3, grid: tuple[int, int] = (16, 16),
                   block_size: int | None = None, rank: int = 16, alpha: float = 0.5, token_stamp: bool = False,
                   token_hp: int | None = None, hadamard_seed: int | None = None) -> Config:
@@ -138,15 +138,20 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
     def bits(hp):
         return f"{hp}x{hp_bits}+{a_bits}" if hp else a_bits
 
-    ch = ActQuant(bits=bits(hp_tokens), transform="dwt" if stamp else "identity",
-                  levels=levels if stamp else None, grid=tuple(grid) if stamp else None, block_size=block_size)
-    if token_stamp:
-        if not token_hp:
-            raise ValueError("token_stamp needs token_hp > 0 high-precision rows")
-        tok_levels = max(1, int(round(math.log2(64 / token_hp))))
-        tk = ActQuant(bits=bits(token_hp), transform="dwt", levels=tok_levels, block_size=block_size)
+    if a_bits is None:  # weight-only quantization
+        if stamp or token_stamp or w_bits is None:
+            raise ValueError("a_bits=None (full-precision activations) needs quantized weights and no STaMP")
+        ch = tk = None
     else:
-        tk = ActQuant(bits=bits(token_hp), block_size=block_size)
+        ch = ActQuant(bits=bits(hp_tokens), transform="dwt" if stamp else "identity",
+                      levels=levels if stamp else None, grid=tuple(grid) if stamp else None, block_size=block_size)
+        if token_stamp:
+            if not token_hp:
+                raise ValueError("token_stamp needs token_hp > 0 high-precision rows")
+            tok_levels = max(1, int(round(math.log2(64 / token_hp))))
+            tk = ActQuant(bits=bits(token_hp), transform="dwt", levels=tok_levels, block_size=block_size)
+        else:
+            tk = ActQuant(bits=bits(token_hp), block_size=block_size)
     lowrank = rank if method == "svdquant" else 0
     w = None if w_bits is None else WeightQuant(bits=w_bits, lowrank=lowrank)
     if w is None and lowrank:
@@ -155,7 +160,7 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
     rules = (Rule(CHANNEL_MIXING, act=ch, weight=w, feature=feat, alpha=alpha),
              Rule(TOKEN_MIXING, act=tk, weight=w, feature=feat, alpha=alpha))
     wname = "A" if w_bits is None else f"W{w_bits}A"
-    name = (f"{method}{'-rs' if hadamard_seed is not None else ''} {wname}{a_bits}"
+    name = (f"{method}{'-rs' if hadamard_seed is not None else ''} {wname}{a_bits or 16}"
             f"{' +stamp' if stamp else ''} hp{hp_tokens}{' blk' + str(block_size) if block_size else ''}"
             f"{' +tokstamp' if token_stamp else ''}")
     info = dict(method=method, stamp=stamp, w_bits=w_bits, a_bits=a_bits, hp_tokens=hp_tokens, hp_bits=hp_bits,
@@ -163,7 +168,7 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
                 granularity="per-token" if block_size is None else f"per-block-{block_size}",
                 rank=lowrank, alpha=alpha if feat == "smoothquant" else None, token_stamp=token_stamp,
                 token_hp=token_hp, weights="per-output-channel symmetric RTN" if w_bits else "full precision",
-                activations="per-row asymmetric min-max, no clipping")
+                activations="per-row asymmetric min-max, no clipping" if a_bits else "full precision")
     return Config(name, Recipe(rules, name=name), hadamard_seed=hadamard_seed, info=info)
 
 
@@ -438,10 +443,13 @@ def row_structure(model, refs: list[Reference], *, steps=(0, 4, 8, 12), hp_token
       (2-D for the 16 x 16 token grid, 1-D for the 64 channel rows) Toeplitz matrix
       (:func:`stamp_lib.analysis.toeplitz_fraction`);
     * ``energy``: fraction of the energy in the first ``hp_tokens`` rows after STaMP's Haar DWT
-      (2-D, 3 levels, for tokens; 1-D to ``hp_tokens`` rows for channels), with the rows in their
-      natural order (``energy``), in random orders (``energy_shuffled``, mean of ``n_perm``
-      permutations) and untransformed (``energy_identity``). Where rows have a local order,
-      shuffling them destroys the compaction; where they have none, it changes nothing;
+      (2-D, 3 levels, for tokens; 1-D to ``hp_tokens`` rows for channels); ``energy_identity``:
+      the same without a transform. Most of it is the mean row (every LL row averages a block of
+      rows, in any order), so the test of *local order* uses the centred input (the mean row of
+      each image removed): ``energy_centred`` with the rows in their natural order,
+      ``energy_centred_shuffled`` in random orders (mean of ``n_perm`` permutations). Where rows
+      have a local order, shuffling them destroys the compaction; where they have none, it
+      changes nothing (both near ``hp_tokens / s``);
     * ``S``: the mean row autocorrelation (for figures)."""
     from . import analysis, capture, transforms
 
@@ -462,24 +470,36 @@ def row_structure(model, refs: list[Reference], *, steps=(0, 4, 8, 12), hp_token
             grid = None
         Xd = X.double()
         S = torch.einsum("nsd,ntd->st", Xd, Xd) / (Xd.shape[0] * Xd.shape[-1])
+        Xc = X - X.mean(dim=-2, keepdim=True)
         shuffled = []
         for _ in range(n_perm):
             perm = torch.randperm(s, generator=g)
-            shuffled.append(_energy_first(X[:, perm], T, hp_tokens))
+            shuffled.append(_energy_first(Xc[:, perm], T, hp_tokens))
         out[name] = {"kind": kind, "s": s, "toeplitz": analysis.toeplitz_fraction(S, grid, center=True),
-                     "energy": _energy_first(X, T, hp_tokens), "energy_shuffled": sum(shuffled) / n_perm,
-                     "energy_identity": _energy_first(X, None, hp_tokens), "S": S.float()}
+                     "energy": _energy_first(X, T, hp_tokens), "energy_identity": _energy_first(X, None, hp_tokens),
+                     "energy_centred": _energy_first(Xc, T, hp_tokens),
+                     "energy_centred_shuffled": sum(shuffled) / n_perm, "S": S.float()}
     return out
 
 
 # ----------------------------------------------------------------------------- benchmark
-def benchmark(n: int = 8, steps: int = 16, repeats: int = 3, threads: int | None = None) -> dict:
+def benchmark(n: int = 8, steps: int = 12, repeats: int = 3, threads: int | None = 1) -> dict:
     """Sampling time of the galaxy model (``n`` images, ``steps`` Heun steps) in full precision and
     with W4A4 configurations (RTN, RTN + STaMP, Hadamard + STaMP, SVDQuant + STaMP, per-block-64),
     measured side by side in one run (interleaved, median of ``repeats``). Target: quantized
-    sampling at most 3x the full-precision time."""
+    sampling at most 3x the full-precision time. ``threads``: torch threads during the run (one by
+    default: on a shared two-core machine two threads run several times slower); ``None`` keeps
+    the current setting."""
+    saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _benchmark(n, steps, repeats)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _benchmark(n, steps, repeats):
     model = galaxy.load_galaxy_model()
     cfgs = {"rtn W4A4": galaxy_config("rtn"),
             "rtn W4A4 + stamp": galaxy_config("rtn", stamp=True),
@@ -536,11 +556,11 @@ def main(argv=None) -> dict:
     if argv[:1] == ["bench"]:
         b = argparse.ArgumentParser(prog="python -m stamp_lib.diffusion bench")
         b.add_argument("--images", type=int, default=8)
-        b.add_argument("--steps", type=int, default=16)
+        b.add_argument("--steps", type=int, default=12)
         b.add_argument("--repeats", type=int, default=3)
-        b.add_argument("--threads", type=int, default=None)
+        b.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
         a = b.parse_args(argv[1:])
-        return benchmark(a.images, a.steps, a.repeats, a.threads)
+        return benchmark(a.images, a.steps, a.repeats, a.threads or None)
     a = _parser().parse_args(argv)
     from . import study
 

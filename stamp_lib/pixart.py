@@ -299,10 +299,10 @@ def generate(pipe, prompts: Prompts, latents: torch.Tensor, *, steps: int = 20, 
     latents compare directly. The grid the transformer sees is ``latents``' size / patch size."""
     if len(prompts) != 1 or latents.shape[0] != 1:
         raise ValueError("generate takes one prompt and one latent at a time")
-    dev = pipe._execution_device
+    dev, dt = pipe._execution_device, pipe.transformer.dtype
     out = pipe(prompt=None, negative_prompt=None, prompt_embeds=prompts.embeds.to(dev),
                prompt_attention_mask=prompts.mask.to(dev), negative_prompt_embeds=prompts.neg_embeds.to(dev),
-               negative_prompt_attention_mask=prompts.neg_mask.to(dev), latents=latents.to(dev),
+               negative_prompt_attention_mask=prompts.neg_mask.to(dev), latents=latents.to(dev, dt),
                num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
                use_resolution_binning=False, height=latents.shape[-2] * pipe.vae_scale_factor,
                width=latents.shape[-1] * pipe.vae_scale_factor, return_dict=False)[0]

@@ -165,15 +165,20 @@ def test_paired_needs_the_same_images(model, refs):
 
 
 def test_row_structure_separates_tokens_from_channels(model, refs):
-    """Shuffling the rows destroys the compaction of patch tokens, not that of channel rows."""
+    """Shuffling the rows destroys the (centred) compaction of patch tokens, not that of channel rows."""
     rs = D.row_structure(model, refs[:1], steps=(1,), n_perm=4)
     ch = [v for v in rs.values() if v["kind"] == "channel"]
     tk = [v for v in rs.values() if v["kind"] == "token"]
     assert len(ch) == len(tk) == 8
     for v in rs.values():
-        assert 0 <= v["toeplitz"] <= 1 and 0 < v["energy_shuffled"] <= 1
-        assert v["S"].shape == (v["s"], v["s"])
-    assert min(v["energy"] - v["energy_shuffled"] for v in ch) > 0
+        assert 0 <= v["toeplitz"] <= 1 and 0 < v["energy_centred_shuffled"] <= 1
+        assert v["energy"] > v["energy_centred"] and v["S"].shape == (v["s"], v["s"])
+    def mean(vs, f):
+        return sum(f(v) for v in vs) / len(vs)
+
+    ratio = lambda v: v["energy_centred"] / v["energy_centred_shuffled"]  # noqa: E731
+    assert mean(ch, ratio) > 2 and mean(tk, ratio) < 1.3
+    assert mean(ch, lambda v: v["toeplitz"]) > 1.5 * mean(tk, lambda v: v["toeplitz"])
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -183,10 +188,19 @@ def test_row_structure_separates_tokens_from_channels(model, refs):
     (dict(method="rtn", token_stamp=True, token_hp=0), "token_hp"),
     (dict(method="svdquant", w_bits=None), "low-rank"),
     (dict(method="rtn", hp_tokens=-1), "hp_tokens"),
+    (dict(method="rtn", a_bits=None, stamp=True), "full-precision activations"),
+    (dict(method="rtn", a_bits=None, w_bits=None), "full-precision activations"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         D.galaxy_config(**kw)
+
+
+def test_weight_only_config(model, refs):
+    cfg = D.galaxy_config("rtn", a_bits=None)
+    assert cfg.name == "rtn W4A16 hp4" and all(r.act is None for r in cfg.recipe.rules)
+    out = D.evaluate(model, cfg, refs[:1], score_batches=0)
+    assert math.isnan(out.act_bits) and torch.isfinite(out.sqnr_image).all()
 
 
 def test_calibration_is_required_and_named(model, refs):

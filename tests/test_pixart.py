@@ -271,3 +271,13 @@ def test_unk_tokenizer_is_refused():
 def test_prompt_file():
     texts = P.read_prompts(P.Path(__file__).resolve().parents[1] / "data" / "prompts" / "pixart_prompts.txt")
     assert len(texts) >= 20 and len(set(texts)) == len(texts)
+
+
+def test_half_precision_pipeline(prompts):
+    """The GPU path runs in float16/bfloat16: latents are cast to the transformer's dtype and the
+    fake quantization computes in float32 inside (bfloat16 here, on CPU)."""
+    pipe = P.tiny_pipeline(seed=0, dtype=torch.bfloat16)
+    lat = P.initial_latents(pipe, 0, 64, 64)
+    with P.quantized(pipe.transformer, P.pixart_recipe("hadamard", hp_tokens=4, stamp=True)) as st:
+        out, img = P.generate(pipe, prompts.take(0), lat, steps=STEPS)
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(img.float()).all()) and st.average_bits() > 4
