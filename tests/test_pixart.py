@@ -281,3 +281,50 @@ def test_half_precision_pipeline(prompts):
     with P.quantized(pipe.transformer, P.pixart_recipe("hadamard", hp_tokens=4, stamp=True)) as st:
         out, img = P.generate(pipe, prompts.take(0), lat, steps=STEPS)
     assert out.dtype == torch.bfloat16 and bool(torch.isfinite(img.float()).all()) and st.average_bits() > 4
+
+
+def _text_stack(words):
+    """A real (tiny) T5 encoder and a word-level fast tokenizer over ``words``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    enc = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
+    return tok, enc
+
+
+def _save_with_text(tmp_path, words):
+    from diffusers import PixArtSigmaPipeline
+
+    base = P.tiny_pipeline(seed=0)
+    tok, enc = _text_stack(words)
+    pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=enc, vae=base.vae, transformer=base.transformer,
+                               scheduler=base.scheduler)
+    folder = tmp_path / "with-text"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_cli_end_to_end(tmp_path):
+    """`python -m stamp_lib.pixart` on a saved tiny pipeline with a real tokenizer and T5 encoder:
+    prompts read, encoded, calibration, the ten Figure 1 / Table 1 cells, a JSON file."""
+    texts = [ln.split() for ln in ("a red apple on a table", "two dogs in a field", "a boat on a lake")]
+    folder = _save_with_text(tmp_path, sorted({w for t in texts for w in t}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# test prompts\n" + "\n".join(" ".join(t) for t in texts) + "\n")
+    out = P.main(["--model", str(folder), "--prompts", str(prompts), "--calib-prompts", "1", "--height", "64",
+                  "--width", "64", "--steps", str(STEPS), "--hp-tokens", "4", "--rank", "4", "--dtype", "float32",
+                  "--out", str(tmp_path / "r.json")])
+    assert len(out["configs"]) == 10 and out["n_images"] == 2 and len(out["paired"]) == 4
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["configs"]["A4 +both"]["act_bits"] > 4
+
+
+def test_unk_tokenizer_checkpoint_is_refused(tmp_path):
+    folder = _save_with_text(tmp_path, [])  # a vocabulary without words: every word is <unk>
+    with pytest.raises(RuntimeError, match="unknown token"):
+        P.load_pipeline(str(folder), dtype="float32")
