@@ -41,8 +41,9 @@ steps) runs once in full precision and once per configuration from the *same* no
 
 * SQNR (dB) of each final sample against its full-precision twin, in image space
   (``x = exp(0.1 y) - 1``, what the model's users see; the paper's metric) and in model space y;
-  PSNR with the full-precision image's range as peak (for a single image PSNR is SQNR shifted by
-  a constant, so it adds nothing to comparisons: it is recorded, not plotted);
+  PSNR with the full-precision image's range as peak (PSNR minus SQNR depends on the reference
+  image only, so paired differences are the same: it is recorded, not plotted). SSIM is not
+  computed: no trusted implementation is installed to test one against;
 * SQNR of the network output (the score) at the first network call of every step, evaluated
   *teacher-forced* on the full-precision trajectory: the error of one quantized call, without
   the drift that accumulates along a quantized trajectory;
