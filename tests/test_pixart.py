@@ -218,10 +218,13 @@ def test_bad_latents_are_refused(pipe, prompts):
     with P.quantized(pipe.transformer, P.pixart_recipe("rtn", stamp=True)):
         with pytest.raises(ValueError, match="patch size 2"):
             pipe.transformer(torch.randn(1, 4, 9, 8), **kw)
-    with pytest.raises(ValueError, match="grid"):
-        with P.quantized(pipe.transformer, P.pixart_recipe("rtn", stamp=True)) as st:
-            st.set_grid((3, 3))
-            pipe.transformer.transformer_blocks[0].attn1.to_q(torch.randn(1, 16, 64))
+    q = pipe.transformer.transformer_blocks[0].attn1.to_q
+    with P.quantized(pipe.transformer, P.pixart_recipe("rtn", stamp=True)) as st:
+        with pytest.raises(ValueError, match="no grid was set"):  # a layer called outside a transformer forward
+            q(torch.randn(1, 16, 64))
+        st.set_grid((3, 3))
+        with pytest.raises(ValueError, match="token grid 3x3 has 9 tokens"):
+            q(torch.randn(1, 16, 64))
 
 
 def test_bad_recipes():
