@@ -276,8 +276,9 @@ class Recipe:
 # ----------------------------------------------------------------------------- preparation
 @dataclass
 class Prepared:
-    """What :func:`prepare` computed: per layer, the feature transform and the (folded,
-    quantized) weight, plus calibration facts. Reusable for every recipe with the same ``key``."""
+    """What :func:`prepare` computed: per layer, the feature transform, the (folded,
+    quantized) weight and, for ``lowrank`` rules, the factors (A, B) of the full-precision branch
+    :math:`L_r = A B`, plus calibration facts. Reusable for every recipe with the same ``key``."""
 
     key: tuple
     features: dict = field(default_factory=dict)
@@ -367,9 +368,9 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
             if wq.lowrank >= min(Wf.shape):
                 raise ValueError(f"{n}: lowrank={wq.lowrank} must be below min(out, in) = {min(Wf.shape)}")
             U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
-            Lr = (U[:, :wq.lowrank] * S[:wq.lowrank]) @ Vh[:wq.lowrank]
-            prep.lowrank[n] = Lr.to(dtype=W.dtype, device=W.device)
-            Wf = Wf - Lr
+            A, B = U[:, :wq.lowrank] * S[:wq.lowrank], Vh[:wq.lowrank]  # L_r = A B, (out, r) (r, in)
+            prep.lowrank[n] = (A.to(dtype=W.dtype, device=W.device), B.to(dtype=W.dtype, device=W.device))
+            Wf = Wf - A @ B
         if wq is None:
             out = Wf
         elif wq.method == "rtn":
@@ -560,7 +561,8 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
     def add_lowrank(module, args, output):
         name = names_of[id(module)]
         xr = state._lowrank_in.pop(name)
-        return output + xr.to(output.dtype) @ prepared.lowrank[name].T
+        A, B = prepared.lowrank[name]
+        return output + (xr.to(output.dtype) @ B.T) @ A.T  # two thin products, O(r (in + out))
 
     def on_model(module, args, kwargs):
         state.offset = _offset_from(args, kwargs)

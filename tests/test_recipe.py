@@ -357,7 +357,8 @@ def test_lowrank_branch_reconstructs_and_sees_the_unquantized_input():
     W, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
     r = Recipe(Rule("0", act=ActQuant(bits=4), weight=WeightQuant(bits=4, lowrank=4)))
     prep = recipe.prepare(model, r, progress=False)
-    Lr = prep.lowrank["0"]
+    A, B = prep.lowrank["0"]
+    Lr = A @ B
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     torch.testing.assert_close(Lr, ((U[:, :4] * S[:4]) @ Vh[:4]).float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(prep.weights["0"], quant.fake_quant((W.double() - Lr.double()), 4, symmetric=True).float(),
