@@ -143,6 +143,7 @@ CLAIMS: dict[str, Claim] = {
         "SQNR rises sharply with even a few high-precision tokens.",
         "Fig. 4b",
         "qualitative (no numbers recovered)",
+        ("04_images",),
     ),
     "w4a4kv4_perplexity": Claim(
         "STaMP lowers LLM perplexity",
@@ -152,6 +153,7 @@ CLAIMS: dict[str, Claim] = {
         "Llama-3.2-1B-it: RTN 1795 → 700, SmoothQuant 883 → 407, QuaRot 25.78 → 23.72, "
         "FlatQuant 15.72 → 15.16 (FP 13.16). Llama-3-8B: RTN 668 → 95.3, QuaRot 9.05 → 8.66, "
         "FlatQuant 6.89 → 6.77 (FP 6.14). 2048-token windows, 4.125 activation bits on average",
+        ("03_llm",),
     ),
     "llm_gain_where_worst": Claim(
         "LLM gains largest where the baseline is worst",
@@ -177,6 +179,7 @@ CLAIMS: dict[str, Claim] = {
         "SQNR (dB), PixArt-Σ COCO: RTN 5.88 → 6.16, SVDQuant 8.78 → 9.72; MJHQ: RTN 5.75 → 6.23, "
         "ViDiT-Q 7.55 → 8.53, SVDQuant 8.83 → 9.75; SANA COCO: RTN 8.63 → 9.32, SVDQuant "
         "9.99 → 10.69. 4096 tokens, 4.0625 bits on average",
+        ("04_images",),
     ),
     "feature_sequence_complementary": Claim(
         "Feature and sequence transforms add up",
@@ -185,6 +188,7 @@ CLAIMS: dict[str, Claim] = {
         "Fig. 1",
         "PixArt-Σ, 4-bit activations, SQNR (dB): none 0.64; one transform 5.00, the other 7.07 "
         "(most likely STaMP 5.00, Hadamard 7.07); both 11.47",
+        ("04_images",),
     ),
     "causality": Claim(
         "Causality",
