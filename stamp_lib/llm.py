@@ -44,7 +44,6 @@ Quantization is simulated (fake quantization in floating point).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -326,9 +325,7 @@ def main(argv=None) -> dict:
            "protocol": "non-overlapping windows of the evaluation split, tail dropped, mean token NLL, exp",
            "simulated": "fake quantization in floating point", "wall_s": round(time.perf_counter() - t0, 1)}
     path = Path(a.out) if a.out else study.results_dir() / "llm" / f"{a.model.replace('/', '_')}-{r.name.replace('/', '_').replace('+', '_')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    study.write_json(path, out)
     return out
 
 

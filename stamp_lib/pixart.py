@@ -530,9 +530,7 @@ def main(argv=None) -> dict:
         extra = f"   paired {pr['delta_db']:+.2f} +- {pr['se_db']:.2f} ({pr['wins']}/{pr['n']})" if pr else ""
         print(f"{k:24s} SQNR {r['sqnr_image_db']:6.2f} dB +- {r['se_db']:.2f}  bits {r['act_bits']:.4f}{extra}")
     path = Path(a.out) if a.out else study.results_dir() / "pixart" / f"{Path(a.model).name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    study.write_json(path, out)
     return out
 
 

@@ -484,6 +484,18 @@ def start(notebook: str, knobs: dict | None = None, seed: int = 0) -> Run:
     return run
 
 
+def write_json(path: Path, payload: dict) -> Path:
+    """Write a results file for a command-line run: folders created, written atomically (a
+    temporary file renamed), the path printed. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(payload), indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return path
+
+
 def load_results(folder: Path | None = None) -> dict[str, dict]:
     """Every results file of ``folder`` (default :func:`results_dir`), keyed by notebook name."""
     out = {}
