@@ -25,7 +25,7 @@ What is quantized (rules by layer name; :func:`galaxy_config`)
 
 Methods (each without and with STaMP): ``rtn`` (plain), ``hadamard`` (an orthogonal Hadamard
 rotation of every layer's input features folded into the weight before it is quantized, as in
-QuaRot; ``hadamard_seed`` adds QuaRot's random sign flips, see :class:`Config`) and ``svdquant``
+QuaRot; ``hadamard_seed`` adds QuaRot's random sign flips, :class:`~stamp_lib.recipe.Rule`) and ``svdquant``
 (SVDQuant-style: SmoothQuant smoothing with ``alpha`` from calibration inputs, then the top
 ``rank`` singular part of the smoothed weight kept in full precision on the unquantized input and
 the residual quantized). ViDiT-Q's own recipe (per-timestep dynamic ranges, channel balancing and
@@ -68,7 +68,7 @@ from pathlib import Path
 
 import torch
 
-from . import galaxy, hooks, quant
+from . import galaxy, hooks
 from . import recipe as rcp
 from .recipe import ActQuant, Recipe, Rule, WeightQuant
 
@@ -85,21 +85,18 @@ _FEATURE = {"fp": None, "rtn": None, "hadamard": "hadamard", "svdquant": "smooth
 # ----------------------------------------------------------------------------- configurations
 @dataclass(frozen=True)
 class Config:
-    """One configuration of the experiment: a :class:`~stamp_lib.recipe.Recipe` plus
-    ``hadamard_seed``, which the recipe layer cannot express yet: when set, every
-    ``feature="hadamard"`` rule uses QuaRot's randomized rotation :math:`R = D H/\\sqrt n`
-    (random signs D from the seed) instead of the plain :math:`H/\\sqrt n` (see :func:`prepare`)."""
+    """One configuration of the experiment: a :class:`~stamp_lib.recipe.Recipe` with its name and
+    the knobs it was built from (``info``)."""
 
     name: str
     recipe: Recipe
-    hadamard_seed: int | None = None
     info: dict = field(default_factory=dict, compare=False)
 
     def knobs(self) -> dict:
-        return {"name": self.name, "hadamard_seed": self.hadamard_seed, **self.info, "recipe": self.recipe.knobs()}
+        return {"name": self.name, **self.info, "recipe": self.recipe.knobs()}
 
     def prep_key(self) -> tuple:
-        return (self.recipe.prep_key(), self.hadamard_seed)
+        return self.recipe.prep_key()
 
 
 def _check_int(v, what, lo=0):
@@ -158,8 +155,8 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
     if w is None and lowrank:
         raise ValueError("the svdquant low-rank branch needs quantized weights (w_bits)")
     feat = _FEATURE[method]
-    rules = (Rule(CHANNEL_MIXING, act=ch, weight=w, feature=feat, alpha=alpha),
-             Rule(TOKEN_MIXING, act=tk, weight=w, feature=feat, alpha=alpha))
+    rules = (Rule(CHANNEL_MIXING, act=ch, weight=w, feature=feat, alpha=alpha, hadamard_seed=hadamard_seed),
+             Rule(TOKEN_MIXING, act=tk, weight=w, feature=feat, alpha=alpha, hadamard_seed=hadamard_seed))
     wname = "A" if w_bits is None else f"W{w_bits}A"
     name = (f"{method}{'-rs' if hadamard_seed is not None else ''} {wname}{a_bits or 16}"
             f"{' +stamp' if stamp else ''} hp{hp_tokens}{' blk' + str(block_size) if block_size else ''}"
@@ -168,37 +165,15 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
                 levels=levels if stamp else None, grid=list(grid), block_size=block_size,
                 granularity="per-token" if block_size is None else f"per-block-{block_size}",
                 rank=lowrank, alpha=alpha if feat == "smoothquant" else None, token_stamp=token_stamp,
-                token_hp=token_hp, weights="per-output-channel symmetric RTN" if w_bits else "full precision",
+                token_hp=token_hp, hadamard_seed=hadamard_seed, weights="per-output-channel symmetric RTN" if w_bits else "full precision",
                 activations="per-row asymmetric min-max, no clipping" if a_bits else "full precision")
-    return Config(name, Recipe(rules, name=name), hadamard_seed=hadamard_seed, info=info)
+    return Config(name, Recipe(rules, name=name), info=info)
 
 
 def prepare(model, config: Config, calib=None, *, progress: bool = False) -> rcp.Prepared:
     """:func:`stamp_lib.recipe.prepare` for ``config`` on the galaxy model (``calib``: a list of
-    ``(y, t)`` batches, needed for ``svdquant``; see :func:`calibration_batches`).
-
-    With ``config.hadamard_seed`` set, the plain Hadamard rotations are replaced by randomized
-    ones and the weights re-folded and re-quantized (RTN, no low-rank branch): a local stand-in
-    until the recipe layer takes a Hadamard seed."""
-    from . import methods
-
-    prep = rcp.prepare(model, config.recipe, calib, forward=lambda m, b: m(b[0], b[1]), progress=progress)
-    if config.hadamard_seed is None:
-        return prep
-    for name, (mod, rule) in config.recipe.resolve(model).items():
-        if rule.feature != "hadamard":
-            continue
-        wq = rule.weight
-        if wq is not None and (wq.method != "rtn" or wq.lowrank):
-            raise NotImplementedError("hadamard_seed supports RTN weights without a low-rank branch only")
-        F = methods.hadamard_rotation(mod.in_features, seed=config.hadamard_seed)
-        prep.features[name] = F
-        Wf = F.fold_weight(mod.weight.detach().double())
-        if wq is not None:
-            Wf = quant.fake_quant(Wf, wq.bits, symmetric=wq.symmetric, clip_ratio=wq.clip_ratio,
-                                  block_size=wq.group_size)
-        prep.weights[name] = Wf.to(mod.weight.dtype)
-    return prep
+    ``(y, t)`` batches, needed for ``svdquant``; see :func:`calibration_batches`)."""
+    return rcp.prepare(model, config.recipe, calib, forward=lambda m, b: m(b[0], b[1]), progress=progress)
 
 
 # ----------------------------------------------------------------------------- metrics

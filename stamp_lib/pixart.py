@@ -112,7 +112,8 @@ def roles(transformer: nn.Module) -> dict[str, str]:
 # ----------------------------------------------------------------------------- recipes
 def pixart_recipe(method: str, *, stamp: bool = False, w_bits: int | None = 4, a_bits: int = 4,
                   hp_tokens: int = 64, hp_bits: int = 8, levels: int = 3, block_size: int | None = 64,
-                  rank: int = 32, alpha: float = 0.5, text_bits: int | None = 4, time_bits: int | None = 4) -> Recipe:
+                  rank: int = 32, alpha: float = 0.5, text_bits: int | None = 4, time_bits: int | None = 4,
+                  hadamard_seed: int | None = 0) -> Recipe:
     """The recipe of one cell of Figure 1 / Table 1 for PixArt (see the module docstring).
 
     ``stamp``: 2-D Haar DWT (``levels``) over the latent grid on the image-token inputs (else the
@@ -120,7 +121,8 @@ def pixart_recipe(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
     per-block activation ranges (64, the paper's Table 1) or per token (``None``). ``svdquant``:
     SmoothQuant smoothing (``alpha``) + a rank-``rank`` full-precision branch; needs calibration.
     ``text_bits`` / ``time_bits``: plain quantization of the text-token and timestep inputs
-    (``None``: full precision)."""
+    (``None``: full precision). ``hadamard_seed``: QuaRot's random signs for ``hadamard``
+    (``None``: the plain Hadamard matrix, which chapter 4 finds harmful at A4 on the galaxy model)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if method == "fp":
@@ -130,23 +132,26 @@ def pixart_recipe(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
         raise ValueError("the svdquant low-rank branch needs quantized weights (w_bits)")
     w = None if w_bits is None else WeightQuant(bits=w_bits, lowrank=lowrank)
     feat = _FEATURE[method]
+    seed = hadamard_seed if feat == "hadamard" else None
     img = ActQuant(bits=f"{hp_tokens}x{hp_bits}+{a_bits}" if hp_tokens else a_bits,
                    transform="dwt" if stamp else "identity", levels=levels if stamp else None,
                    grid="auto" if stamp else None, block_size=block_size)
-    rules = [Rule(list(IMAGE), act=img, weight=w, feature=feat, alpha=alpha)]
+    rules = [Rule(list(IMAGE), act=img, weight=w, feature=feat, alpha=alpha, hadamard_seed=seed)]
     for pats, bits in ((TEXT, text_bits), (TIME, time_bits)):
         act = None if bits is None else ActQuant(bits=bits, block_size=block_size)
-        rules.append(Rule(list(pats), act=act, weight=w, feature=feat, alpha=alpha))
+        rules.append(Rule(list(pats), act=act, weight=w, feature=feat, alpha=alpha, hadamard_seed=seed))
     wname = "A" if w_bits is None else f"W{w_bits}A"
     name = f"{method} {wname}{a_bits}{' +stamp' if stamp else ''} hp{hp_tokens}" + (
         f" blk{block_size}" if block_size else "")
     return Recipe(tuple(rules), name=name)
 
 
-def protocol_configs(hp_tokens: int = 64, block_size: int | None = 64, rank: int = 32) -> dict[str, Recipe]:
+def protocol_configs(hp_tokens: int = 64, block_size: int | None = 64, rank: int = 32,
+                     hadamard_seed: int | None = 0) -> dict[str, Recipe]:
     """Figure 1 (A4, full-precision weights: plain, +STaMP, +Hadamard, both) and Table 1 (W4A4:
-    RTN, Hadamard, SVDQuant-style, each without and with STaMP), per-block-``block_size``."""
-    kw = dict(hp_tokens=hp_tokens, block_size=block_size)
+    RTN, Hadamard, SVDQuant-style, each without and with STaMP), per-block-``block_size``;
+    Hadamard with QuaRot's random signs from ``hadamard_seed``."""
+    kw = dict(hp_tokens=hp_tokens, block_size=block_size, hadamard_seed=hadamard_seed)
     out = {"A4": pixart_recipe("rtn", w_bits=None, **kw),
            "A4 +stamp": pixart_recipe("rtn", w_bits=None, stamp=True, **kw),
            "A4 +hadamard": pixart_recipe("hadamard", w_bits=None, **kw),
@@ -502,6 +507,7 @@ def _parser():
     p.add_argument("--hp-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=64, help="0: per-token activation ranges")
     p.add_argument("--rank", type=int, default=32, help="SVDQuant-style low-rank branch")
+    p.add_argument("--hadamard-seed", type=int, default=0, help="QuaRot's random signs; -1: plain Hadamard")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--out", default=None)
@@ -520,7 +526,8 @@ def main(argv=None) -> dict:
         ev_t = ev_t[: a.n_prompts]
     pipe = load_pipeline(a.model, dtype=a.dtype, device=a.device)
     ev, cal = encode_prompts(pipe, ev_t), encode_prompts(pipe, cal_t)
-    configs = protocol_configs(a.hp_tokens, a.block_size or None, a.rank)
+    configs = protocol_configs(a.hp_tokens, a.block_size or None, a.rank,
+                               None if a.hadamard_seed < 0 else a.hadamard_seed)
     calib = calibration_inputs(pipe, cal, (1000,), a.height, a.width, steps=a.steps, guidance_scale=a.guidance)
     out = run_protocol(pipe, ev, configs, seeds=tuple(range(a.seeds)), height=a.height, width=a.width, steps=a.steps,
                        guidance_scale=a.guidance, calib=calib)

@@ -204,14 +204,17 @@ class Rule:
 
     ``feature``: ``None``, ``"hadamard"`` (an orthogonal Hadamard rotation of the input features,
     folded into the weight before it is quantized) or ``"smoothquant"`` (per-channel scales from
-    calibration, ``alpha`` the migration strength). ``act`` / ``weight``: ``None`` leaves them in
-    full precision."""
+    calibration, ``alpha`` the migration strength). ``hadamard_seed``: with ``feature="hadamard"``,
+    QuaRot's randomized rotation :math:`D H/\sqrt n` (random signs D drawn from the seed);
+    ``None`` (default) is the plain :math:`H/\sqrt n`. ``act`` / ``weight``: ``None`` leaves them
+    in full precision."""
 
     patterns: str | tuple = "*"
     act: ActQuant | None = None
     weight: WeightQuant | None = None
     feature: str | None = None
     alpha: float = 0.5
+    hadamard_seed: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "patterns", tuple(hooks.as_patterns(self.patterns)))
@@ -223,15 +226,23 @@ class Rule:
             raise ValueError(f"unknown feature method {self.feature!r}; choose one of {FEATURE_METHODS}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha!r}")
+        seed = self.hadamard_seed
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise ValueError(f"hadamard_seed must be None or an int >= 0, got {seed!r}")
+            if self.feature != "hadamard":
+                raise ValueError(f"hadamard_seed={seed} needs feature='hadamard', got feature={self.feature!r}")
 
     def prep_key(self) -> tuple:
-        return (self.patterns, self.feature, self.alpha if self.feature == "smoothquant" else None, self.weight)
+        return (self.patterns, self.feature, self.alpha if self.feature == "smoothquant" else None,
+                self.hadamard_seed, self.weight)
 
     def knobs(self) -> dict:
         return {"patterns": [p if isinstance(p, str) else p.pattern for p in self.patterns],
                 "act": self.act.knobs() if self.act else None,
                 "weight": self.weight.knobs() if self.weight else None,
-                "feature": self.feature, "alpha": self.alpha if self.feature == "smoothquant" else None}
+                "feature": self.feature, "alpha": self.alpha if self.feature == "smoothquant" else None,
+                "hadamard_seed": self.hadamard_seed}
 
 
 @dataclass(frozen=True)
@@ -348,13 +359,13 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
         T = methods.smoothquant_transform(stats.absmax[canon], w_absmax, alpha=rule.alpha)
         for n in members:
             prep.features[n] = T
-    rotations: dict[int, object] = {}
+    rotations: dict[tuple, object] = {}
     for n, (m, r) in resolved.items():
         if r.feature == "hadamard":
-            d = m.in_features
-            if d not in rotations:
-                rotations[d] = methods.hadamard_rotation(d)
-            prep.features[n] = rotations[d]
+            key = (m.in_features, r.hadamard_seed)
+            if key not in rotations:
+                rotations[key] = methods.hadamard_rotation(*key)
+            prep.features[n] = rotations[key]
     from tqdm.auto import tqdm
 
     for n, (m, r) in tqdm(list(resolved.items()), desc="prepare weights", disable=not progress, leave=False):

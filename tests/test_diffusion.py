@@ -108,20 +108,21 @@ def test_bit_matched_baseline_keeps_first_tokens(model, refs):
     assert st_b.average_bits() == pytest.approx(st_s.average_bits())
 
 
-@pytest.mark.parametrize("rule, seed", [
-    (Rule("*", feature="hadamard"), None),
-    (Rule("*", feature="hadamard"), 3),
-    (Rule("*", feature="smoothquant"), None),
-    (Rule("*", weight=WeightQuant(bits=16, lowrank=16)), None),
-    (Rule("*", weight=WeightQuant(bits=16, lowrank=8), feature="smoothquant"), None),
+@pytest.mark.parametrize("rule", [
+    Rule("*", feature="hadamard"),
+    Rule("*", feature="hadamard", hadamard_seed=3),
+    Rule("*", feature="hadamard", hadamard_seed=3, weight=WeightQuant(bits=16, lowrank=8)),
+    Rule("*", feature="smoothquant"),
+    Rule("*", weight=WeightQuant(bits=16, lowrank=16)),
+    Rule("*", weight=WeightQuant(bits=16, lowrank=8), feature="smoothquant"),
 ])
-def test_folding_without_quantization_keeps_outputs(model, refs, calib, rule, seed):
+def test_folding_without_quantization_keeps_outputs(model, refs, calib, rule):
     """Feature transforms folded into the weights (plain and randomized Hadamard, SmoothQuant) and
     the low-rank branch (residual at 16 bits) leave the network output unchanged up to float error."""
-    cfg = D.Config("fold", Recipe((rule,)), hadamard_seed=seed)
+    cfg = D.Config("fold", Recipe((rule,)))
     prep = D.prepare(model, cfg, calib)
-    if seed is not None:
-        assert all(f.seed == seed for f in prep.features.values())
+    if rule.feature == "hadamard":
+        assert prep.features and all(f.seed == rule.hadamard_seed for f in prep.features.values())
     y, t = refs[0].inputs[1]
     want = model(y, t)
     with rcp.apply(model, cfg.recipe, prep):

@@ -86,10 +86,14 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("n", [4, 12, 20, 28, 36, 40, 48, 576, 640, 1536, 3072])
+@pytest.mark.parametrize("n", [4, 12, 20, 28, 36, 40, 48, 512, 576, 640, 1536, 3072])
 @pytest.mark.parametrize("seed", [None, 7])
-def test_fast_equals_dense(n, seed):
+@pytest.mark.parametrize("path", ["auto", "kron"])
+def test_fast_equals_dense(n, seed, path):
     R = methods.hadamard_rotation(n, seed=seed)
+    if path == "kron":
+        R.matmul_max = 0  # force the Kronecker path at every order
+    assert (n <= R.matmul_max) == (path == "auto" and n <= 512)
     assert isinstance(R, features.Rotation) and R.d == n
     g = torch.Generator().manual_seed(n)
     x = torch.randn(3, 5, n, generator=g, dtype=torch.float64)

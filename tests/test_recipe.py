@@ -69,6 +69,10 @@ def test_other_settings_are_validated_when_built():
         WeightQuant(bits=20)
     with pytest.raises(ValueError, match="unknown feature method"):
         Rule("*", feature="rotate")
+    with pytest.raises(ValueError, match="needs feature='hadamard'"):
+        Rule(feature="smoothquant", hadamard_seed=1)
+    with pytest.raises(ValueError, match="hadamard_seed must be"):
+        Rule(feature="hadamard", hadamard_seed=-1)
     with pytest.raises(ValueError, match="alpha"):
         Rule("*", feature="smoothquant", alpha=1.5)
     with pytest.raises(TypeError, match="ActQuant"):
@@ -292,6 +296,13 @@ def test_rotated_weights_are_quantized_in_the_rotated_basis():
     torch.testing.assert_close(prep.weights["model.layers.0.mlp.down_proj"], want, atol=1e-6, rtol=1e-6)
     # ... which is not the rotation of the original-basis RTN weight
     assert (R.fold_weight(quant.fake_quant(W, 4, symmetric=True)) - want).abs().max() > 1e-3
+    # hadamard_seed: QuaRot's random signs D, R = D H / sqrt(n), the same seed -> the same rotation
+    seeded = Recipe(Rule("*.down_proj", weight=WeightQuant(bits=4), feature="hadamard", hadamard_seed=5))
+    assert seeded.prep_key() != r.prep_key() and seeded.knobs()["rules"][0]["hadamard_seed"] == 5
+    F = recipe.prepare(model, seeded, progress=False).features["model.layers.0.mlp.down_proj"]
+    Rs = methods.hadamard_rotation(W.shape[1], seed=5)
+    torch.testing.assert_close(F.matrix(), Rs.matrix(), rtol=0, atol=0)
+    assert not torch.equal(F.matrix(), R.matrix())
 
 
 def test_smoothquant_groups_share_one_scale_and_gptq_beats_rtn_on_the_model():
