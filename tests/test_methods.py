@@ -93,7 +93,7 @@ def test_fast_equals_dense(n, seed, path):
     R = methods.hadamard_rotation(n, seed=seed)
     if path == "kron":
         R.matmul_max = 0  # force the Kronecker path at every order
-    assert (n <= R.matmul_max) == (path == "auto" and n <= 512)
+    assert (n <= R.matmul_max) == (path == "auto" and n <= 128)
     assert isinstance(R, features.Rotation) and R.d == n
     g = torch.Generator().manual_seed(n)
     x = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
