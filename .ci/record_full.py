@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CELL_TIMEOUT = 3600
+CELL_TIMEOUT = 4 * 3600  # a full-size cell may take over an hour on 2 cores (chapter 3's table)
 
 
 def chapters(names: list[str]) -> list[Path]:
