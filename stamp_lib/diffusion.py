@@ -461,11 +461,11 @@ def row_structure(model, refs: list[Reference], *, steps=(0, 4, 8, 12), hp_token
 # ----------------------------------------------------------------------------- benchmark
 def benchmark(n: int = 8, steps: int = 12, repeats: int = 3, threads: int | None = 1) -> dict:
     """Sampling time of the galaxy model (``n`` images, ``steps`` Heun steps) in full precision and
-    with W4A4 configurations (RTN, RTN + STaMP, Hadamard + STaMP, SVDQuant + STaMP, per-block-64),
-    measured side by side in one run (interleaved, median of ``repeats``). Target: quantized
-    sampling at most 3x the full-precision time. ``threads``: torch threads during the run (one by
-    default: on a shared two-core machine two threads run several times slower); ``None`` keeps
-    the current setting."""
+    with W4A4 configurations (RTN, RTN + STaMP, randomized Hadamard + STaMP with seed 0 as in the
+    chapter, SVDQuant + STaMP, per-block-64), measured side by side in one run (interleaved,
+    median of ``repeats``). Target: quantized sampling at most 3x the full-precision time.
+    ``threads``: torch threads during the run (one by default: on a shared two-core machine two
+    threads run several times slower); ``None`` keeps the current setting."""
     saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -479,7 +479,7 @@ def _benchmark(n, steps, repeats):
     model = galaxy.load_galaxy_model()
     cfgs = {"rtn W4A4": galaxy_config("rtn"),
             "rtn W4A4 + stamp": galaxy_config("rtn", stamp=True),
-            "hadamard W4A4 + stamp": galaxy_config("hadamard", stamp=True),
+            "hadamard-rs W4A4 + stamp": galaxy_config("hadamard", stamp=True, hadamard_seed=0),
             "svdquant W4A4 + stamp": galaxy_config("svdquant", stamp=True),
             "rtn W4A4 + stamp, blk64": galaxy_config("rtn", stamp=True, block_size=64)}
     calib = calibration_batches(model, n=4, steps=4)
