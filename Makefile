@@ -87,7 +87,7 @@ lab: setup
 	  > $(VENV)/share/jupyter/lab/settings/overrides.json
 	$(BIN)/jupyter lab --notebook-dir=$(CURDIR) $(if $(filter 0,$(shell id -u)),--allow-root)
 
-# Full-size headline numbers, recorded in the repository: data/results/full/<chapter>.json with
+# Full-size headline numbers, recorded in the repository: data/results/full/<chapter>.json.gz with
 # commit, date, wall time, machine, package versions and a hash of the code behind them. The
 # default book shows them beside its own numbers and flags a record stale once that code changes.
 # Long (all chapters by default); one chapter: make record-full NB=01_theorem1. Then commit them.

@@ -3,8 +3,8 @@
 Usage: python .ci/record_full.py [NOTEBOOK ...]     (default: every chapter, notebooks/[0-8]*.md)
 
 Each chapter is executed top to bottom (nbclient, cwd notebooks/, as in the book build) with
-``STUDY_SIZE=full`` and ``STAMP_RESULTS=data/results/full``, so its ``run.save()`` writes
-``data/results/full/<chapter>.json`` with its numbers, verdicts, commit, date, wall time, machine,
+``STUDY_SIZE=full`` into a scratch results folder; its ``run.save()`` file is then stored as
+``data/results/full/<chapter>.json.gz`` (``stamp_lib.study.write_full_record``) with its numbers, verdicts, commit, date, wall time, machine,
 package versions and the hash of the code behind it (``stamp_lib.study``). The default book shows
 these records beside its own small-size numbers and flags them stale once that code changes.
 Commit the files afterwards. A failing chapter stops the script (exit 1) and leaves the previous
@@ -13,6 +13,7 @@ record of that chapter in place.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -21,6 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stamp_lib import study  # noqa: E402
+
 CELL_TIMEOUT = 4 * 3600  # a full-size cell may take over an hour on 2 cores (chapter 3's table)
 
 
@@ -51,8 +56,7 @@ def record(path: Path, full_dir: Path) -> float:
     out = scratch / f"{path.stem}.json"
     if not out.is_file():
         raise SystemExit(f"record_full: {path.name} ran but wrote no {out.name} (no run.save()?)")
-    full_dir.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(out), full_dir / out.name)
+    study.write_full_record(json.loads(out.read_text()), full_dir)
     shutil.rmtree(scratch, ignore_errors=True)
     return time.perf_counter() - t0
 
@@ -66,7 +70,7 @@ def main(argv: list[str]) -> int:
         except Exception as exc:  # noqa: BLE001 - report any failure with the chapter's name
             print(f"record_full: {path.name} FAILED: {type(exc).__name__}: {str(exc)[-2000:]}", file=sys.stderr)
             return 1
-        print(f"record_full: wrote data/results/full/{path.stem}.json ({wall / 60:.1f} min)", flush=True)
+        print(f"record_full: wrote data/results/full/{path.stem}{study.FULL_SUFFIX} ({wall / 60:.1f} min)", flush=True)
     print("record_full: done; commit data/results/full/")
     return 0
 

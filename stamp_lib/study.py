@@ -28,7 +28,9 @@ Conventions (chapters 1-4 follow them)
   claims page lists :data:`CLAIMS` and the verdicts found in the results files, generically:
   a new chapter's claims appear on it without editing it.
 * **Full-size records.** ``make record-full`` runs the chapters with ``STUDY_SIZE=full`` and
-  ``STAMP_RESULTS=data/results/full`` (tracked in git). The default build shows those recorded
+  stores each results file in ``data/results/full/<notebook>.json.gz`` (tracked in git; gzip,
+  because a chapter's every number with its knobs runs to megabytes of JSON; read it with
+  :func:`read_full_record` or ``zcat``). The default build shows those recorded
   headline numbers beside its own (``run.findings()`` at the end of each chapter, and the claims
   page); :func:`full_record` flags a record as *stale* when the code behind it (the notebook's code
   cells and every ``stamp_lib`` module the notebook imported, except the drawing and bookkeeping
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import gzip
 import json
 import os
 import platform
@@ -511,7 +514,7 @@ def load_results(folder: Path | None = None) -> dict[str, dict]:
 
 @dataclass
 class FullRecord:
-    """A results file recorded at ``STUDY_SIZE=full`` (``data/results/full/<notebook>.json``).
+    """A results file recorded at ``STUDY_SIZE=full`` (``data/results/full/<notebook>.json.gz``).
 
     ``stale`` is true when a file of ``data["code"]["files"]`` has changed (or gone) since;
     ``changed`` lists them.
@@ -545,13 +548,33 @@ def full_dir() -> Path:
     return Path(os.environ.get("STAMP_FULL_RESULTS", FULL_DIR))
 
 
+FULL_SUFFIX = ".json.gz"
+
+
+def write_full_record(data: dict, folder: Path | None = None) -> Path:
+    """Store a results file's ``data`` as ``<folder>/<notebook>.json.gz`` (default folder
+    :func:`full_dir`): compact JSON, gzip without a time stamp, so equal data give equal bytes."""
+    folder = folder or full_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{data['notebook']}{FULL_SUFFIX}"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(gzip.compress(json.dumps(data, separators=(",", ":")).encode(), mtime=0))
+    tmp.replace(out)
+    return out
+
+
+def read_full_record(path: Path) -> dict:
+    """The data of a stored full-size record (:func:`write_full_record`)."""
+    return json.loads(gzip.decompress(path.read_bytes()))
+
+
 def full_record(notebook: str, folder: Path | None = None) -> FullRecord | None:
     """The full-size record of ``notebook`` (in ``folder``, default :func:`full_dir`) with its
     staleness, or ``None`` if none is recorded."""
-    p = (folder or full_dir()) / f"{notebook}.json"
+    p = (folder or full_dir()) / f"{notebook}{FULL_SUFFIX}"
     if not p.is_file():
         return None
-    data = json.loads(p.read_text())
+    data = read_full_record(p)
     files = {f: h for f, h in data.get("code", {}).get("files", {}).items()
              if f not in PRESENTATION_FILES}
     changed = [f for f, h in files.items() if current_hash(f) != h]
@@ -562,10 +585,11 @@ def full_record(notebook: str, folder: Path | None = None) -> FullRecord | None:
 def full_records(folder: Path | None = None) -> dict[str, FullRecord]:
     """Every full-size record, keyed by notebook name."""
     out = {}
-    for p in sorted((folder or full_dir()).glob("*.json")):
-        r = full_record(p.stem, folder)
+    for p in sorted((folder or full_dir()).glob(f"*{FULL_SUFFIX}")):
+        name = p.name[: -len(FULL_SUFFIX)]
+        r = full_record(name, folder)
         if r is not None:
-            out[p.stem] = r
+            out[name] = r
     return out
 
 
@@ -612,7 +636,7 @@ def findings_table(notebook: str, verdicts: list[dict], full: FullRecord | None)
         notes.append(f"This build: {format_conditions(verdicts[0].get('conditions', {}))}.")
     if full is None:
         notes.append(f"No full-size record yet: `make record-full NB={notebook}` writes "
-                     f"`data/results/full/{notebook}.json`.")
+                     f"`data/results/full/{notebook}{FULL_SUFFIX}`.")
     else:
         fv0 = next(iter(full.data.get("verdicts", [])), {})
         notes.append(f"Full size: {format_conditions(fv0.get('conditions', {}))}; {full.when()}.")

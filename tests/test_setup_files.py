@@ -326,3 +326,25 @@ def test_record_full_selects_chapters():
     assert [p.stem for p in record_full.chapters(["notebooks/01_theorem1.md"])] == ["01_theorem1"]
     with pytest.raises(SystemExit, match="no notebook"):
         record_full.chapters(["07_nothing"])
+
+
+@pytest.mark.notebook
+def test_record_full_stores_the_chapter_results_compressed(tmp_path, monkeypatch):
+    """One throwaway chapter through record(): executed at full size, stored as .json.gz."""
+    sys.path.insert(0, str(ROOT / ".ci"))
+    try:
+        import record_full
+    finally:
+        sys.path.pop(0)
+    from stamp_lib import study
+
+    monkeypatch.setenv("STUDY_SIZE", "small")                 # record() changes both; restored after
+    monkeypatch.setenv("STAMP_RESULTS", str(tmp_path / "unused"))
+    nb = tmp_path / "zz_tiny.md"
+    nb.write_text("---\nkernelspec:\n  name: python3\n  display_name: Python 3\n---\n\n"
+                  "```{code-cell} ipython3\nfrom stamp_lib import study\n"
+                  "run = study.start('zz_tiny')\nrun.record('x', study.size() == 'full', s=2048)\n"
+                  "run.save()\n```\n")
+    record_full.record(nb, tmp_path / "full")
+    data = study.read_full_record(tmp_path / "full" / "zz_tiny.json.gz")
+    assert data["size"] == "full" and data["records"][0]["value"] is True

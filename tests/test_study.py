@@ -119,7 +119,7 @@ def _record(folder: Path, files: dict) -> None:
             "wall_time_s": 600, "machine": {"cpus": 2}, "code": {"files": files},
             "verdicts": [{"key": "theorem1_holds", "verdict": "confirmed", "numbers": {"worst ratio": 0.05},
                           "conditions": {"s": 2048}}]}
-    (folder / "01_theorem1.json").write_text(json.dumps(data))
+    study.write_full_record(data, folder)
 
 
 def test_full_record_is_stale_when_its_code_changed(tmp_path):
@@ -140,12 +140,32 @@ def test_full_record_is_stale_when_its_code_changed(tmp_path):
     assert study.full_record("99_nothing", tmp_path) is None
 
 
+def test_full_records_are_stored_compressed_and_byte_stable(tmp_path):
+    data = {"notebook": "01_theorem1", "records": [{"name": "x", "value": 0.5, "knobs": {"s": 2048}}] * 500}
+    p = study.write_full_record(data, tmp_path)
+    assert p == tmp_path / "01_theorem1.json.gz" and study.read_full_record(p) == data
+    first = p.read_bytes()
+    assert len(first) < len(json.dumps(data)) / 10                 # repeated knobs compress
+    assert study.write_full_record(data, tmp_path).read_bytes() == first   # no time stamp inside
+    assert list(study.full_records(tmp_path)) == ["01_theorem1"]
+
+
+def test_recorded_full_results_in_the_repository_are_small_and_readable():
+    """Recorded files stay far below what git should carry (a chapter's raw JSON ran to 7 MiB)."""
+    files = sorted(study.FULL_DIR.glob("*"))
+    assert files, "no full-size records in data/results/full"
+    for p in files:
+        assert p.name.endswith(study.FULL_SUFFIX), f"{p.name}: not a stored full record"
+        assert p.stat().st_size < 1 << 20, f"{p.name}: {p.stat().st_size} bytes"
+        assert study.read_full_record(p)["notebook"] == p.name[: -len(study.FULL_SUFFIX)]
+
+
 def test_recorded_full_results_are_tracked_by_git():
     """data/results/*.json is ignored; data/results/full/ must not be."""
     import subprocess
 
-    out = subprocess.run(["git", "check-ignore", "-q", "data/results/full/01_theorem1.json"], cwd=ROOT)
-    assert out.returncode == 1, "data/results/full/*.json is git-ignored"
+    out = subprocess.run(["git", "check-ignore", "-q", "data/results/full/01_theorem1.json.gz"], cwd=ROOT)
+    assert out.returncode == 1, "data/results/full/*.json.gz is git-ignored"
     out = subprocess.run(["git", "check-ignore", "-q", "data/results/01_theorem1.json"], cwd=ROOT)
     assert out.returncode == 0
 
