@@ -171,8 +171,8 @@ CLAIMS: dict[str, Claim] = {
         "Haar levels and STaMP on K/V (LLM)",
         "How many Haar levels to use on 2048 tokens with 64 high-precision rows, and whether keys and "
         "values should get the sequence transform too.",
-        "not stated (the overhead study uses 3 levels)",
         "not stated",
+        "no ablation; the overhead study uses 3 levels, and whether K/V get the transform is not said",
         ("03_llm",),
     ),
     "lvm_sqnr": Claim(
@@ -198,7 +198,7 @@ CLAIMS: dict[str, Claim] = {
         "A sequence transform lets future tokens change the quantization of past ones in a causal "
         "LM: how much, its effect on perplexity, and whether a causal-safe (block-wise) variant works.",
         "not discussed",
-        "not discussed in the paper",
+        "the paper evaluates full sequences (prefill) and does not discuss causality",
     ),
 }
 
@@ -372,6 +372,14 @@ def provenance() -> dict:
 
 # ---- one run of one notebook -----------------------------------------------------------------
 
+class SavedPath(type(Path())):
+    """The path :meth:`Run.save` wrote; as the value of a notebook cell it displays nothing
+    (``save`` has printed it, relative to the repository)."""
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
 @dataclass
 class Run:
     """One execution of one notebook: its knobs, numbers, verdicts, glued text and checks."""
@@ -450,7 +458,9 @@ class Run:
         return findings_table(self.notebook, self.verdicts, full_record(self.notebook))
 
     def save(self) -> Path:
-        """Write ``<results>/<notebook>.json`` (numbers, verdicts, glue, checks, provenance)."""
+        """Write ``<results>/<notebook>.json`` (numbers, verdicts, glue, checks, provenance) and
+        print where. Returns the path as a :class:`SavedPath`, which shows nothing as a notebook
+        cell's value (no ``PosixPath('/home/...')`` of the machine that ran it in the book)."""
         wall = time.perf_counter() - self.t0
         out = results_dir() / f"{self.notebook}.json"
         files = code_files(self.notebook)
@@ -474,7 +484,7 @@ class Run:
         where = out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out
         print(f"[{self.notebook}] {len(self.records)} numbers, {len(self.verdicts)} verdicts, "
               f"wall time {wall:.1f} s\n  -> {where}")
-        return out
+        return SavedPath(out)
 
 
 def start(notebook: str, knobs: dict | None = None, seed: int = 0) -> Run:

@@ -62,8 +62,18 @@ def test_missing_glue_finds_an_unglued_key():
     assert missing_glue(nb) == ["y", "z"]
 
 
+def test_output_offences_finds_a_local_path():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[nbformat.v4.new_output(
+        "execute_result", data={"text/plain": f"PosixPath('{ROOT}/data/results/x.json')"}, execution_count=1)])])
+    bad = output_offences(nb)
+    assert len(bad) == 1 and bad[0].startswith("code cell 1: an output shows a path of this machine")
+
+
 def output_offences(nb) -> list[str]:
-    """Outputs of an executed notebook that would not fit the book's column."""
+    """Outputs of an executed notebook that would not fit the book's column, or that show a
+    path of the machine that ran it (a cell's value such as ``PosixPath('/home/...')``)."""
     import base64
 
     from stamp_lib import plotting
@@ -71,6 +81,9 @@ def output_offences(nb) -> list[str]:
     bad = []
     for k, cell in enumerate([c for c in nb.cells if c.cell_type == "code"], 1):
         for o in cell.get("outputs", []):
+            text = o.get("text", "") + o.get("data", {}).get("text/plain", "")
+            if str(ROOT) in text or "PosixPath(" in text:
+                bad.append(f"code cell {k}: an output shows a path of this machine: {text.strip()[:60]!r}")
             if o.get("output_type") == "stream" and o.get("name") == "stdout":
                 bad += [f"code cell {k}: printed line of {len(ln)} > {plotting.TEXT_COLS} characters: {ln[:50]!r}"
                         for ln in plotting.check_lines(_ANSI.sub("", o["text"]))]

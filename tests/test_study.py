@@ -70,6 +70,15 @@ def test_verdict_is_stored_with_numbers_and_conditions(results):
     assert data["verdicts"][0]["conditions"] == {"s": 256, "bits": "64x8+4"}
 
 
+def test_save_returns_a_path_that_a_notebook_cell_does_not_display(results):
+    from IPython.core.formatters import DisplayFormatter
+
+    out = study.start("01_theorem1").save()
+    assert out.is_file() and out.name == "01_theorem1.json"
+    assert DisplayFormatter().format(out) == ({}, {})       # no PosixPath('/home/...') in the book
+    assert DisplayFormatter().format(Path(out))[0]          # a plain Path would show
+
+
 def test_registry_entries_are_complete():
     for key, c in study.CLAIMS.items():
         assert re.fullmatch(r"[a-z0-9_]+", key), key
