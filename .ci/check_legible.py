@@ -122,7 +122,7 @@ def check_page(page: Path) -> list[str]:
     bad = []
     for text in p.pres:
         for line in unescape(text).splitlines():
-            if str(ROOT) in line or "PosixPath(" in line:
+            if plotting.machine_paths(line):
                 bad.append(f"text output shows a path of the machine that built it: {line.strip()[:60]!r}")
             if len(line.rstrip()) > plotting.TEXT_COLS:
                 bad.append(f"text output line of {len(line.rstrip())} > {plotting.TEXT_COLS} characters: "

@@ -4,9 +4,10 @@ Usage: python .ci/record_full.py [NOTEBOOK ...]     (default: every chapter, not
 
 Each chapter is executed top to bottom (nbclient, cwd notebooks/, as in the book build) with
 ``STUDY_SIZE=full`` into a scratch results folder; its ``run.save()`` file is then stored as
-``data/results/full/<chapter>.json.gz`` (``stamp_lib.study.write_full_record``) with its numbers, verdicts, commit, date, wall time, machine,
-package versions and the hash of the code behind it (``stamp_lib.study``). The default book shows
-these records beside its own small-size numbers and flags them stale once that code changes.
+``data/results/full/<chapter>.json.gz`` (``stamp_lib.study.write_full_record``) with its
+numbers, verdicts, commit, date, wall time, machine, package versions and the hash of the code
+behind it. The default book shows these records beside its own small-size numbers and flags them
+stale once that code changes.
 Commit the files afterwards. A failing chapter stops the script (exit 1) and leaves the previous
 record of that chapter in place.
 """

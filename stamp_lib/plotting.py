@@ -38,6 +38,7 @@ import io
 import math
 import re
 import struct
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import matplotlib
@@ -365,3 +366,10 @@ def table(header: Sequence[str], rows: Iterable[Sequence], *, align: str | None 
 def check_lines(text: str, limit: int = TEXT_COLS) -> list[str]:
     """The lines of ``text`` longer than ``limit`` characters (empty list: it fits the column)."""
     return [ln for ln in text.splitlines() if len(ln.rstrip()) > limit]
+
+
+def machine_paths(text: str) -> list[str]:
+    """The lines of an output ``text`` that show a path of the machine that ran it (the
+    repository's absolute path, or a cell's value such as ``PosixPath('/home/...')``)."""
+    root = str(Path(__file__).resolve().parents[1])
+    return [ln for ln in text.splitlines() if root in ln or "PosixPath(" in ln]

@@ -42,8 +42,8 @@ Conventions (chapters 1-4 follow them)
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import gzip
+import hashlib
 import json
 import os
 import platform
@@ -564,6 +564,9 @@ FULL_SUFFIX = ".json.gz"
 def write_full_record(data: dict, folder: Path | None = None) -> Path:
     """Store a results file's ``data`` as ``<folder>/<notebook>.json.gz`` (default folder
     :func:`full_dir`): compact JSON, gzip without a time stamp, so equal data give equal bytes."""
+    if not isinstance(data, dict) or not isinstance(data.get("notebook"), str):
+        raise ValueError("write_full_record: data must be a results dict (the file Run.save "
+                         "writes) with a 'notebook' name")
     folder = folder or full_dir()
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{data['notebook']}{FULL_SUFFIX}"
@@ -574,8 +577,13 @@ def write_full_record(data: dict, folder: Path | None = None) -> Path:
 
 
 def read_full_record(path: Path) -> dict:
-    """The data of a stored full-size record (:func:`write_full_record`)."""
-    return json.loads(gzip.decompress(path.read_bytes()))
+    """The data of a stored full-size record (:func:`write_full_record`); ``ValueError`` naming
+    the file if it is not one (truncated, not gzip, not JSON)."""
+    try:
+        return json.loads(gzip.decompress(path.read_bytes()))
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable full-size record ({type(exc).__name__}: {exc}); "
+                         f"restore it from git or re-record it with `make record-full`") from exc
 
 
 def full_record(notebook: str, folder: Path | None = None) -> FullRecord | None:

@@ -81,9 +81,8 @@ def output_offences(nb) -> list[str]:
     bad = []
     for k, cell in enumerate([c for c in nb.cells if c.cell_type == "code"], 1):
         for o in cell.get("outputs", []):
-            text = o.get("text", "") + o.get("data", {}).get("text/plain", "")
-            if str(ROOT) in text or "PosixPath(" in text:
-                bad.append(f"code cell {k}: an output shows a path of this machine: {text.strip()[:60]!r}")
+            bad += [f"code cell {k}: an output shows a path of this machine: {ln.strip()[:60]!r}"
+                    for ln in plotting.machine_paths(o.get("text", "") + o.get("data", {}).get("text/plain", ""))]
             if o.get("output_type") == "stream" and o.get("name") == "stdout":
                 bad += [f"code cell {k}: printed line of {len(ln)} > {plotting.TEXT_COLS} characters: {ln[:50]!r}"
                         for ln in plotting.check_lines(_ANSI.sub("", o["text"]))]

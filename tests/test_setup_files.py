@@ -304,6 +304,8 @@ def test_check_legible_passes_a_legible_page(tmp_path):
     ('<img src="plain.png" />', "not drawn with stamp_lib.plotting.show"),
     ('<img src="small.png" />', "displayed at"),
     ("<table><tr><td>" + "w" * 50 + "</td><td>" + "v" * 50 + "</td></tr></table>", "px column"),
+    ('<div class="output text_plain"><pre>PosixPath(&#39;/home/me/r.json&#39;)</pre></div>',
+     "shows a path of the machine"),
 ])
 def test_check_legible_flags_illegible_output(tmp_path, body, what):
     _png(tmp_path, "plain.png")

@@ -159,6 +159,18 @@ def test_full_records_are_stored_compressed_and_byte_stable(tmp_path):
     assert list(study.full_records(tmp_path)) == ["01_theorem1"]
 
 
+def test_bad_full_records_get_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="'notebook' name"):
+        study.write_full_record({"records": []}, tmp_path)
+    (tmp_path / "01_theorem1.json.gz").write_bytes(b'{"notebook": "01_theorem1"}')   # plain JSON
+    with pytest.raises(ValueError, match=r"01_theorem1.json.gz: not a readable full-size record"):
+        study.full_record("01_theorem1", tmp_path)
+    p = study.write_full_record({"notebook": "01_theorem1"}, tmp_path)
+    p.write_bytes(p.read_bytes()[:-6])                                             # truncated
+    with pytest.raises(ValueError, match="re-record it with `make record-full`"):
+        study.read_full_record(p)
+
+
 def test_recorded_full_results_in_the_repository_are_small_and_readable():
     """Recorded files stay far below what git should carry (a chapter's raw JSON ran to 7 MiB)."""
     files = sorted(study.FULL_DIR.glob("*"))
