@@ -32,7 +32,7 @@ help:
 	@echo "make book    build the book into _build/html (STUDY_SIZE=$(STUDY_SIZE); STUDY_SIZE=full for headline numbers)"
 	@echo "make test    unit tests + every notebook (pytest)"
 	@echo "make unit    unit tests only (no notebooks)"
-	@echo "make bench   python -m stamp_lib.bench"
+	@echo "make bench   python -m stamp_lib bench"
 	@echo "make lab     JupyterLab with jupytext: open notebooks/*.md as notebooks"
 	@echo "make clean   remove the built book, results and MathJax copy (keeps .venv and data/cache)"
 
@@ -73,7 +73,7 @@ unit: setup
 	$(BIN)/pytest -q tests -m "not notebook"
 
 bench: setup
-	$(BIN)/python -m stamp_lib.bench
+	$(BIN)/python -m stamp_lib bench
 
 # JupyterLab, with jupyterlab-myst (both pinned in requirements.txt) so that MyST directives,
 # roles, maths and labels render in markdown cells. The override makes .md files open as notebooks

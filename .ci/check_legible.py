@@ -4,8 +4,8 @@ Usage: python .ci/check_legible.py _build/html
 
 Fails (exit 1, one line per offence) when a page of the book has
 * a line of text output (a cell's printed or plain-text output) longer than
-  ``stamp_lib.plotting.TEXT_COLS`` characters: it would be cut off or scroll in the column;
-* a figure not drawn by ``stamp_lib.plotting.show`` (no ``stamp:min_font_pt`` in the PNG), or
+  ``stamp_lib.book.plotting.TEXT_COLS`` characters: it would be cut off or scroll in the column;
+* a figure not drawn by ``stamp_lib.book.plotting.show`` (no ``stamp:min_font_pt`` in the PNG), or
   one whose smallest text is displayed under ``plotting.MIN_PT`` points, computed from that font
   size, the PNG's resolution (its pHYs chunk) and the width the page gives it, capped at
   ``plotting.COLUMN_PX``;
@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from stamp_lib import plotting  # noqa: E402
+from stamp_lib.book import plotting
 
 sys.path.pop(0)
 SKIP = {"search.html", "genindex.html", "py-modindex.html"}
@@ -139,7 +139,7 @@ def check_page(page: Path) -> list[str]:
             continue
         font = info["text"].get("stamp:min_font_pt")
         if font is None:
-            bad.append(f"figure {src}: not drawn with stamp_lib.plotting.show (no stamp:min_font_pt)")
+            bad.append(f"figure {src}: not drawn with stamp_lib.book.plotting.show (no stamp:min_font_pt)")
             continue
         dpi = info["dpi"] or plotting.RENDER_DPI
         shown = plotting.displayed_pt(float(font), info["width"], dpi, img["width"])

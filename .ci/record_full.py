@@ -4,7 +4,7 @@ Usage: python .ci/record_full.py [NOTEBOOK ...]     (default: every chapter, not
 
 Each chapter is executed top to bottom (nbclient, cwd notebooks/, as in the book build) with
 ``STUDY_SIZE=full`` into a scratch results folder; its ``run.save()`` file is then stored as
-``data/results/full/<chapter>.json.gz`` (``stamp_lib.study.write_full_record``) with its
+``data/results/full/<chapter>.json.gz`` (``stamp_lib.book.study.write_full_record``) with its
 numbers, verdicts, commit, date, wall time, machine, package versions and the hash of the code
 behind it. The default book shows these records beside its own small-size numbers and flags them
 stale once that code changes.
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stamp_lib import study  # noqa: E402
+from stamp_lib.book import study
 
 CELL_TIMEOUT = 4 * 3600  # a full-size cell may take over an hour on 2 cores (chapter 3's table)
 

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from stamp_lib import analysis, bounds, metrics, quant, transforms
+from stamp_lib.core import autocorr, bounds, metrics, quant, transforms
+from stamp_lib.experiments import seqstats
 
 
 def ar1(n, s, d, rho, seed=0):
@@ -24,16 +25,16 @@ def test_toeplitz_fraction_is_one_for_toeplitz_and_projection_is_orthogonal():
     s = 12
     t = torch.arange(s, dtype=torch.float64)
     T = 0.8 ** (t[:, None] - t[None, :]).abs()
-    assert analysis.toeplitz_fraction(T) == pytest.approx(1.0, abs=1e-12)
+    assert autocorr.toeplitz_fraction(T) == pytest.approx(1.0, abs=1e-12)
     A = torch.randn(s, s, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     S = A @ A.T
-    P = analysis.toeplitz_projection(S)
+    P = autocorr.toeplitz_projection(S)
     # brute force: the mean of every diagonal
     for off in range(-s + 1, s):
         assert torch.allclose(torch.diagonal(P, off), torch.diagonal(S, off).mean().expand(s - abs(off)))
-    assert torch.allclose(analysis.toeplitz_projection(P), P)  # idempotent
+    assert torch.allclose(autocorr.toeplitz_projection(P), P)  # idempotent
     assert float(((S - P) * P).sum()) == pytest.approx(0.0, abs=1e-9)  # orthogonal residual
-    assert 0.0 < analysis.toeplitz_fraction(S) < 1.0
+    assert 0.0 < autocorr.toeplitz_fraction(S) < 1.0
 
 
 def test_block_toeplitz_fraction_on_a_stationary_grid():
@@ -41,28 +42,28 @@ def test_block_toeplitz_fraction_on_a_stationary_grid():
     r, c = torch.arange(h * w) // w, torch.arange(h * w) % w
     di, dj = (r[:, None] - r[None, :]).double(), (c[:, None] - c[None, :]).double()
     S = torch.exp(-(di**2) / 3 - dj.abs() / 2)  # a stationary 2-D kernel (BTTB)
-    assert analysis.toeplitz_fraction(S, grid=(h, w)) == pytest.approx(1.0, abs=1e-12)
-    assert analysis.toeplitz_fraction(S) < 0.99  # not Toeplitz along the row-major flattening
+    assert autocorr.toeplitz_fraction(S, grid=(h, w)) == pytest.approx(1.0, abs=1e-12)
+    assert autocorr.toeplitz_fraction(S) < 0.99  # not Toeplitz along the row-major flattening
     with pytest.raises(ValueError, match="grid 3x5"):
-        analysis.toeplitz_fraction(S, grid=(3, 5))
+        autocorr.toeplitz_fraction(S, grid=(3, 5))
 
 
 def test_token0_fraction_and_bad_input():
     S = torch.diag(torch.tensor([6.0, 1.0, 1.0, 2.0]))
-    assert analysis.token0_fraction(S) == pytest.approx(0.6)
-    assert analysis.toeplitz_fraction(S, skip=1) < 1
+    assert autocorr.token0_fraction(S) == pytest.approx(0.6)
+    assert autocorr.toeplitz_fraction(S, skip=1) < 1
     with pytest.raises(ValueError, match="square"):
-        analysis.token0_fraction(torch.ones(3, 4))
+        autocorr.token0_fraction(torch.ones(3, 4))
     with pytest.raises(ValueError, match="NaN"):
-        analysis.token0_fraction(torch.full((2, 2), float("nan")))
-    C = analysis.correlation(torch.tensor([[4.0, 2.0], [2.0, 1.0]]))
+        autocorr.token0_fraction(torch.full((2, 2), float("nan")))
+    C = autocorr.correlation(torch.tensor([[4.0, 2.0], [2.0, 1.0]]))
     assert torch.allclose(C, torch.ones(2, 2, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------- TokenApart
 @pytest.mark.parametrize("inner", [transforms.build("dct"), transforms.build("dwt", levels=2)])
 def test_token_apart_is_orthogonal_and_matches_its_matrix(inner):
-    T = analysis.TokenApart(inner)
+    T = transforms.TokenApart(inner)
     s = 13
     X = torch.randn(2, s, 5, dtype=torch.float64)
     M = T.matrix(s, dtype=torch.float64)
@@ -75,7 +76,7 @@ def test_token_apart_is_orthogonal_and_matches_its_matrix(inner):
 
 def test_token_apart_rejects_lengths_the_inner_transform_cannot_take():
     with pytest.raises(ValueError, match="power-of-two"):
-        analysis.TokenApart(transforms.build("wht")).forward(torch.randn(16, 3))
+        transforms.TokenApart(transforms.build("wht")).forward(torch.randn(16, 3))
 
 
 # ----------------------------------------------------------------------------- measure
@@ -100,9 +101,9 @@ def test_measure_agrees_with_bounds_and_metrics(corr_data):
     X = corr_data
     ts = {"identity": transforms.build("identity"), "dct": transforms.build("dct"),
           "dwt": transforms.build("dwt", levels=2), "klt": transforms.KLT.fit(ar1(8, 32, 16, 0.9, seed=4)),
-          "dct0": analysis.TokenApart(transforms.build("dct"))}
+          "dct0": transforms.TokenApart(transforms.build("dct"))}
     specs = ["4", "8x8+4"]
-    res = analysis.measure(X, ts, specs, batch=4)
+    res = seqstats.measure(X, ts, specs, batch=4)
     for name, T in ts.items():
         m = res[name]
         assert torch.allclose(torch.as_tensor(m.profile()), metrics.energy_profile(T.forward(X)), rtol=BOUND_REL, atol=0)
@@ -112,7 +113,7 @@ def test_measure_agrees_with_bounds_and_metrics(corr_data):
             assert m.err[spec] == pytest.approx(bounds.stamp_error(X, T, b), rel=ERR_REL)
             assert m.sqnr(spec) == pytest.approx(metrics.sqnr_db(X, quant.stamp_fake_quant(X, T, b)), abs=SQNR_DB)
             assert m.err[spec] <= m.bound[spec]
-    sym = analysis.measure(X, ts, specs, symmetric=True)
+    sym = seqstats.measure(X, ts, specs, symmetric=True)
     for name, T in ts.items():
         for spec in specs:
             b = quant.bits_from_spec(spec, 32)
@@ -123,7 +124,7 @@ def test_measure_agrees_with_bounds_and_metrics(corr_data):
     # within float64 rounding (the same one-ulp argument, scaled by eps64 / eps32)
     X64, F64_REL = X.double(), ERR_REL * torch.finfo(torch.float64).eps / F32
     for data, rel in ((X, ERR_REL), (X64, F64_REL)):
-        one, four = (analysis.measure(data, {"dct": ts["dct"]}, specs, batch=k)["dct"] for k in (1, 4))
+        one, four = (seqstats.measure(data, {"dct": ts["dct"]}, specs, batch=k)["dct"] for k in (1, 4))
         for spec in specs:
             assert one.err[spec] == pytest.approx(four.err[spec], rel=rel), (data.dtype, spec)
             assert one.bound[spec] == pytest.approx(four.bound[spec], rel=rel), (data.dtype, spec)
@@ -133,11 +134,11 @@ def test_measure_agrees_with_bounds_and_metrics(corr_data):
 def test_measure_rejects_bad_input(corr_data):
     diff = transforms.Dense(torch.eye(32) - torch.diag(torch.ones(31), -1))
     with pytest.raises(ValueError, match="not orthogonal"):
-        analysis.measure(corr_data, {"diff": diff}, "4")
+        seqstats.measure(corr_data, {"diff": diff}, "4")
     with pytest.raises(ValueError, match="batch"):
-        analysis.measure(corr_data, {"dct": transforms.build("dct")}, "4", batch=0)
+        seqstats.measure(corr_data, {"dct": transforms.build("dct")}, "4", batch=0)
     with pytest.raises(ValueError, match="length"):
-        analysis.measure(corr_data, {"dct": transforms.build("dct")}, torch.full((7,), 4))
+        seqstats.measure(corr_data, {"dct": transforms.build("dct")}, torch.full((7,), 4))
 
 
 def test_in_sample_klt_is_the_ky_fan_maximum(corr_data):
@@ -147,9 +148,9 @@ def test_in_sample_klt_is_the_ky_fan_maximum(corr_data):
     X = corr_data.double()
     base = {"identity": transforms.build("identity"), "dct": transforms.build("dct"),
             "wht": transforms.build("wht"), "dwt": transforms.build("dwt", levels=3)}
-    S_cal, _ = analysis._autocorr(ar1(8, 32, 16, 0.9, seed=4))
-    full = analysis._module_result("m", 0, "x", X, S_cal, 8, base, "4", levels={"dwt": 3})
-    short = analysis._module_result("m", 0, "x", X, S_cal, 8, base, "4", levels={"dwt": 3}, insample_quant=False)
+    S_cal, _ = seqstats._autocorr(ar1(8, 32, 16, 0.9, seed=4))
+    full = seqstats._module_result("m", 0, "x", X, S_cal, 8, base, "4", levels={"dwt": 3})
+    short = seqstats._module_result("m", 0, "x", X, S_cal, 8, base, "4", levels={"dwt": 3}, insample_quant=False)
     assert "klt (in-sample)" not in short.results
     assert torch.allclose(full.klt_insample_energy, short.klt_insample_energy, rtol=1e-9)  # float64 data
     best = full.profile("klt (in-sample)")
@@ -161,17 +162,17 @@ def test_in_sample_klt_is_the_ky_fan_maximum(corr_data):
 
 # ----------------------------------------------------------------------------- names
 def test_layer_names():
-    assert analysis.llama_layer_type("model.layers.3.self_attn.k_proj") == "q/k/v"
-    assert analysis.llama_layer_type("model.layers.3.mlp.down_proj") == "down"
-    assert analysis.layer_index("model.layers.17.mlp.up_proj") == 17
-    assert analysis.galaxy_layer_type("blocks.2.patch_mixer.fc1") == "token-mixing fc1"
-    assert analysis.galaxy_layer_type("blocks.0.hidden_mixer.fc2") == "channel-mixing fc2"
+    assert seqstats.llama_layer_type("model.layers.3.self_attn.k_proj") == "q/k/v"
+    assert seqstats.llama_layer_type("model.layers.3.mlp.down_proj") == "down"
+    assert seqstats.layer_index("model.layers.17.mlp.up_proj") == 17
+    assert seqstats.galaxy_layer_type("blocks.2.patch_mixer.fc1") == "token-mixing fc1"
+    assert seqstats.galaxy_layer_type("blocks.0.hidden_mixer.fc2") == "channel-mixing fc2"
     with pytest.raises(ValueError, match="LLaMA"):
-        analysis.llama_layer_type("lm_head")
+        seqstats.llama_layer_type("lm_head")
     with pytest.raises(ValueError, match="galaxy"):
-        analysis.galaxy_layer_type("conv_in")
+        seqstats.galaxy_layer_type("conv_in")
     with pytest.raises(ValueError, match="layer index"):
-        analysis.layer_index("lm_head")
+        seqstats.layer_index("lm_head")
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -185,7 +186,7 @@ def tiny_llama():
 
 
 def test_llm_pipeline_matches_a_direct_capture(tiny_llama):
-    from stamp_lib import capture
+    from stamp_lib.model import capture
 
     model = tiny_llama
     g = torch.Generator().manual_seed(0)
@@ -193,7 +194,7 @@ def test_llm_pipeline_matches_a_direct_capture(tiny_llama):
     calls = []
     h = model.lm_head.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        res, aliases = analysis.llm_sequence_stats(model, cal, ev, [0, 1], hp_tokens=4, chunk_layers=1,
+        res, aliases = seqstats.llm_sequence_stats(model, cal, ev, [0, 1], hp_tokens=4, chunk_layers=1,
                                                    keep_S=["model.layers.1.self_attn.q_proj"], progress=False)
     finally:
         h.remove()
@@ -208,31 +209,31 @@ def test_llm_pipeline_matches_a_direct_capture(tiny_llama):
     Xe = capture.capture_inputs(model, ev, name, progress=False)[name]
     Xc = capture.capture_inputs(model, cal, name, progress=False)[name]
     klt = transforms.KLT.fit(Xc)
-    direct = analysis.measure(Xe, {"dct": transforms.build("dct"), "klt": klt}, ["4", "4x8+4"])
+    direct = seqstats.measure(Xe, {"dct": transforms.build("dct"), "klt": klt}, ["4", "4x8+4"])
     r = res[name]
     assert r.n_calib == 3 and r.n_eval == 2 and r.s == 16 and r.d == 16
     for t in ("dct", "klt"):
         assert r.results[t].err["4x8+4"] == pytest.approx(direct[t].err["4x8+4"], rel=1e-5)
         assert r.results[t].energy_at(4) == pytest.approx(direct[t].energy_at(4), rel=1e-6)
-    assert torch.allclose(r.S.double(), analysis._autocorr(Xe)[0] / (2 * 16), rtol=1e-5)
+    assert torch.allclose(r.S.double(), seqstats._autocorr(Xe)[0] / (2 * 16), rtol=1e-5)
 
 
 def test_llm_pipeline_rejects_bad_windows(tiny_llama):
     ok = torch.zeros(2, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="LongTensor"):
-        analysis.llm_sequence_stats(tiny_llama, ok.float(), ok, [0])
+        seqstats.llm_sequence_stats(tiny_llama, ok.float(), ok, [0])
     with pytest.raises(ValueError, match="tokens"):
-        analysis.llm_sequence_stats(tiny_llama, torch.zeros(2, 4, dtype=torch.long), ok, [0])
+        seqstats.llm_sequence_stats(tiny_llama, torch.zeros(2, 4, dtype=torch.long), ok, [0])
 
 
 def test_galaxy_pipeline_on_a_small_random_mixer():
-    from stamp_lib import galaxy
+    from stamp_lib.zoo import galaxy
 
     torch.manual_seed(0)
     model = galaxy.GalaxyScoreNet(img_size=32, hidden_size=8, mix_patch_size=16, mix_hidden_size=16,
                                   num_blocks=1).eval()
     y_cal, y_ev = torch.randn(3, 1, 32, 32), torch.randn(2, 1, 32, 32)
-    res = analysis.galaxy_sequence_stats(model, y_cal, y_ev, 1.0, hp_tokens=(4, 16), bits=("4", "4x8+4"),
+    res = seqstats.galaxy_sequence_stats(model, y_cal, y_ev, 1.0, hp_tokens=(4, 16), bits=("4", "4x8+4"),
                                          progress=False)
     assert set(res) == {"blocks.0.patch_mixer.fc1", "blocks.0.patch_mixer.fc2",
                         "blocks.0.hidden_mixer.fc1", "blocks.0.hidden_mixer.fc2"}
@@ -242,7 +243,7 @@ def test_galaxy_pipeline_on_a_small_random_mixer():
     tok = res["blocks.0.patch_mixer.fc1"]
     assert tok.s == 8 and "dwt2d" not in tok.results  # rows are channels
     # the noised inputs are the VP-SDE marginal
-    y = analysis.galaxy_noised(y_ev, 1.0, 5)
+    y = seqstats.galaxy_noised(y_ev, 1.0, 5)
     eps = galaxy.initial_noise(2, 5, (1, 32, 32))
     assert torch.allclose(y, math.exp(-0.5) * y_ev + math.sqrt(1 - math.exp(-1)) * eps, atol=1e-6)
 
@@ -253,7 +254,7 @@ def test_wht_and_haar_share_their_coarse_rows(s, levels):
     (j <= L) span the same space, so they hold the same energy there (and different energy in
     between)."""
     X = torch.randn(3, s, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(s + levels))
-    res = analysis.measure(X, {"wht": transforms.build("wht"), "dwt": transforms.build("dwt", levels=levels)}, "4")
+    res = seqstats.measure(X, {"wht": transforms.build("wht"), "dwt": transforms.build("dwt", levels=levels)}, "4")
     for j in range(1, levels + 1):
         k = s // 2**j
         assert res["wht"].energy_at(k) == pytest.approx(res["dwt"].energy_at(k), rel=1e-10)
@@ -264,24 +265,23 @@ def test_wht_and_haar_share_their_coarse_rows(s, levels):
 def test_center_tokens_removes_the_mean_token_direction():
     s = 10
     X = torch.randn(4, s, 6, dtype=torch.float64) + 3.0  # a large common offset
-    S, cols = analysis._autocorr(X)
-    C = analysis.center_tokens(S / cols)
+    S, cols = seqstats._autocorr(X)
+    C = autocorr.center_tokens(S / cols)
     Xc = X - X.mean(dim=1, keepdim=True)  # per window and feature, minus the mean over tokens
-    assert torch.allclose(C, analysis._autocorr(Xc)[0] / cols, atol=1e-10)
+    assert torch.allclose(C, seqstats._autocorr(Xc)[0] / cols, atol=1e-10)
     assert torch.allclose(C.sum(0), torch.zeros(s, dtype=torch.float64), atol=1e-10)
     # a constant matrix is Toeplitz; after centring nothing of it is left to explain
-    assert analysis.toeplitz_fraction(torch.ones(s, s)) == pytest.approx(1.0)
-    assert analysis.center_tokens(torch.ones(s, s)).abs().max() < 1e-12
+    assert autocorr.toeplitz_fraction(torch.ones(s, s)) == pytest.approx(1.0)
+    assert autocorr.center_tokens(torch.ones(s, s)).abs().max() < 1e-12
 
 
 def test_capture_autocorrelation_reducer_matches_einsum():
-    from stamp_lib import capture
 
     x = torch.randn(3, 9, 5, dtype=torch.float64)
-    ref = capture.AutoCorrelation()
+    ref = autocorr.AutoCorrelation()
     ref("m", x)
     ref("m", 2 * x)
     assert ref.counts["m"] == 30
     want = 5 * torch.einsum("nsd,ntd->st", x, x)
     assert torch.allclose(ref.sums["m"], want, rtol=1e-12)
-    assert torch.allclose(analysis._autocorr(x)[0], torch.einsum("nsd,ntd->st", x, x), rtol=1e-12)
+    assert torch.allclose(seqstats._autocorr(x)[0], torch.einsum("nsd,ntd->st", x, x), rtol=1e-12)

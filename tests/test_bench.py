@@ -1,10 +1,11 @@
 """The transform benchmark runs end to end at a toy size (no timings are asserted: ratios on a
-shared machine are for `python -m stamp_lib.bench`, never for tests)."""
+shared machine are for `python -m stamp_lib bench`, never for tests)."""
 
 import scipy.fft
 import torch
 
-from stamp_lib import bench, transforms
+from stamp_lib.core import transforms
+from stamp_lib.experiments import bench
 
 
 def test_transform_benchmark_compares_scipy_at_equal_workers(monkeypatch, capsys):

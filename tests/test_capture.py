@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from stamp_lib import bench, capture
+from stamp_lib.core import autocorr
+from stamp_lib.experiments import bench
+from stamp_lib.model import capture, hooks
 
 
 class Tiny(nn.Module):
@@ -110,23 +112,23 @@ def test_hooks_removed_when_forward_raises(tiny):
 
 def test_pattern_selection(tiny):
     model, _ = tiny
-    sel = lambda p: list(capture.select_modules(model, p))
+    sel = lambda p: list(hooks.select_modules(model, p))
     assert sel("*.q_proj") == ["attn.q_proj"]
     assert sel(["attn.*", "*.down_proj"]) == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.down_proj"]
     assert sel("re:mlp\\.(gate|up)_proj") == ["mlp.gate_proj", "mlp.up_proj"]
     assert sel(re.compile(r".*_proj")) == sel("*")
     assert sel("*") == [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    assert list(capture.select_modules(model, "*", types=(nn.LayerNorm,))) == ["norm"]
+    assert list(hooks.select_modules(model, "*", types=(nn.LayerNorm,))) == ["norm"]
     with pytest.raises(ValueError, match="matches no Linear module"):
-        capture.select_modules(model, "*.nonexistent")
+        hooks.select_modules(model, "*.nonexistent")
     with pytest.raises(TypeError):
-        capture.select_modules(model, 3)
+        hooks.select_modules(model, 3)
 
 
 def test_keep_patterns_and_reduce(tiny):
     model, x = tiny
     ref, _ = model.parts(x)
-    ac = capture.AutoCorrelation()
+    ac = autocorr.AutoCorrelation()
     res = capture.capture_inputs(model, x, "*", keep="*.down_proj", reduce=ac, batch_size=2, progress=False)
     assert list(res.acts) == ["mlp.down_proj"]
     for name in ("attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
@@ -182,7 +184,7 @@ def test_float16_overflow_is_an_error(tiny):
 @pytest.fixture(scope="module")
 def smollm2(one_thread):
     """SmolLM2, run with one torch thread (fixture in conftest.py)."""
-    from stamp_lib import models
+    from stamp_lib.zoo import models
 
     return models.load_smollm2()
 
@@ -224,7 +226,7 @@ def test_smollm2_capture_matches_manual_layer_forward(smollm2):
 def test_smollm2_all_linears_and_autocorrelation(smollm2):
     model, tok = smollm2
     ids = tok("Anarchism is a political philosophy.", return_tensors="pt").input_ids
-    ac = capture.AutoCorrelation()
+    ac = autocorr.AutoCorrelation()
     res = capture.capture_inputs(model, ids, "*", keep="*.layers.0.*", reduce=ac, progress=False)
     assert len(res.names) == 30 * 7 + 1  # 7 linears per layer + lm_head
     assert len(res.aliases) == 30 * 3 and len(ac.sums) == 30 * 4 + 1

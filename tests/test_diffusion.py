@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 
-from stamp_lib import diffusion as D
-from stamp_lib import galaxy as G
-from stamp_lib import hooks, metrics, quant, transforms
-from stamp_lib import recipe as rcp
-from stamp_lib.recipe import Recipe, Rule, WeightQuant
+from stamp_lib.core import metrics, quant, transforms
+from stamp_lib.experiments import diffusion as D
+from stamp_lib.model import hooks
+from stamp_lib.model import recipe as rcp
+from stamp_lib.model.recipe import Recipe, Rule, WeightQuant
+from stamp_lib.zoo import galaxy as G
 
 pytestmark = [
     pytest.mark.models,
@@ -148,14 +149,14 @@ def test_quantized_run_metrics(model, refs, calib):
 def test_sqnr_per_image_matches_metrics():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
-    got = D.sqnr_per_image(a, a + 0.1 * b)
+    got = metrics.sqnr_db_per_sample(a, a + 0.1 * b)
     for i in range(3):
         assert float(got[i]) == pytest.approx(metrics.sqnr_db(a[i], a[i] + 0.1 * b[i]))
     peak = a[0].max() - a[0].min()
-    assert float(D.psnr_per_image(a, a + 0.1 * b)[0]) == pytest.approx(
+    assert float(metrics.psnr_db_per_sample(a, a + 0.1 * b)[0]) == pytest.approx(
         float(10 * torch.log10(peak**2 / (0.1 * b[0]).pow(2).mean())), rel=1e-5)
     with pytest.raises(ValueError, match="same shape"):
-        D.sqnr_per_image(a, a[:2])
+        metrics.sqnr_db_per_sample(a, a[:2])
 
 
 def test_paired_needs_the_same_images(model, refs):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stamp_lib import galaxy as G
+from stamp_lib.zoo import galaxy as G
 
 pytestmark = [
     pytest.mark.models,

@@ -8,12 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface, Gemma3ForCausalLM, Gemma3TextConfig
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.models.gemma3 import modeling_gemma3
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from stamp_lib.kv import kv_quantization
+from stamp_lib.model.kv import kv_quantization
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

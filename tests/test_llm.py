@@ -9,21 +9,27 @@ import math
 import pytest
 import torch
 
-from stamp_lib import llm, recipe
+from stamp_lib.core import transforms
+from stamp_lib.experiments import llm
 
 pytestmark = pytest.mark.models
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from stamp_lib import models
+    from stamp_lib.zoo import models
 
     _, tok = models.load_smollm2()
     return tok
 
 
 def _save_tiny(kind, path, tok):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -60,7 +66,7 @@ def test_cli_runs_a_checkpoint_folder_and_writes_every_knob(tmp_path, tokenizer,
 
 
 def test_fp_recipe_equals_the_plain_model(tmp_path, tokenizer):
-    from stamp_lib import models
+    from stamp_lib.zoo import models
 
     folder = _save_tiny("llama", tmp_path / "m", tokenizer)
     model, tok = llm.load(str(folder))
@@ -88,7 +94,7 @@ def test_table_pairs_columns_on_the_same_windows(tmp_path, tokenizer):
 
 
 def test_recipes_and_errors():
-    assert llm.default_levels(2048, 64) == 5 and llm.default_levels(512, 64) == 3
+    assert transforms.haar_levels(2048, 64) == 5 and transforms.haar_levels(512, 64) == 3
     r = llm.llm_recipe("quarot", weights="gptq", stamp="dct")
     assert r.rules[0].feature == "hadamard" and r.rules[0].act.transform == "dct" and r.kv.transform == "identity"
     assert llm.llm_recipe("fp").rules[0].act is None and llm.llm_recipe("fp").kv is None

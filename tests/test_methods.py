@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from stamp_lib import features, methods, quant
+from stamp_lib.core import hadamard, quant
+from stamp_lib.methods import features, gptq, smoothquant
 
 MODEL_SIZES = [576, 640, 1536, 2048, 3072, 4096, 8192, 14336]  # SmolLM2, Gemma-3-270M, Llama-3
 
@@ -21,17 +22,17 @@ def _one_thread(one_thread):
 # Hadamard
 # =============================================================================================
 def test_every_small_order_is_exact_in_integers():
-    orders = methods.hadamard_orders(200)
+    orders = hadamard.hadamard_orders(200)
     assert len(orders) > 30
     for n in orders:
-        H = methods.hadamard_matrix(n, torch.int64)
+        H = hadamard.hadamard_matrix(n, torch.int64)
         assert H.shape == (n, n)
         assert bool((H.abs() == 1).all()), n
         assert torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.int64)), n
 
 
 def test_orders_up_to_200_hold_the_paley_and_sylvester_orders():
-    orders = set(methods.hadamard_orders(200))
+    orders = set(hadamard.hadamard_orders(200))
     # Paley I (q = 11, 19, 23, 31, 43, 47, 59, 67, 71, 79, 83), Paley II (q = 13, 17, 29, 37, 53),
     # powers of two, and 40 = 20 x 2
     for n in [1, 2, 4, 8, 12, 20, 24, 28, 32, 36, 40, 44, 48, 60, 68, 72, 76, 80, 84, 108, 128]:
@@ -55,7 +56,7 @@ def _freivalds(H: torch.Tensor, n: int, k: int = 8) -> None:
 
 @pytest.mark.parametrize("n", MODEL_SIZES)
 def test_model_sizes_are_hadamard_exactly(n):
-    H = methods.hadamard_matrix(n, torch.int8)
+    H = hadamard.hadamard_matrix(n, torch.int8)
     assert H.shape == (n, n)
     assert bool((H.abs() == 1).all())
     _freivalds(H, n)
@@ -65,14 +66,14 @@ def test_model_sizes_are_hadamard_exactly(n):
 
 
 def test_freivalds_check_catches_a_flipped_sign():
-    H = methods.hadamard_matrix(576, torch.int8).clone()
+    H = hadamard.hadamard_matrix(576, torch.int8).clone()
     H[100, 7] *= -1
     with pytest.raises(AssertionError):
         _freivalds(H, 576)
 
 
 def test_plans_for_model_sizes():
-    got = {n: (p.m, p.p, p.kind) for n in MODEL_SIZES for p in [methods.hadamard_plan(n)]}
+    got = {n: (p.m, p.p, p.kind) for n in MODEL_SIZES for p in [hadamard.hadamard_plan(n)]}
     assert got[576] == (36, 16, "paley2")
     assert got[1536] == (12, 128, "paley1")
     assert got[640] == (20, 32, "paley1")
@@ -90,7 +91,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("seed", [None, 7])
 @pytest.mark.parametrize("path", ["auto", "kron"])
 def test_fast_equals_dense(n, seed, path):
-    R = methods.hadamard_rotation(n, seed=seed)
+    R = features.hadamard_rotation(n, seed=seed)
     if path == "kron":
         R.matmul_max = 0  # force the Kronecker path at every order
     assert (n <= R.matmul_max) == (path == "auto" and n <= 128)
@@ -106,7 +107,7 @@ def test_fast_equals_dense(n, seed, path):
     torch.testing.assert_close(R.inverse(x), R.inverse_dense(x))
     torch.testing.assert_close(R.fold_weight(W), R.fold_weight_dense(W))
     # the dense twin is D H / sqrt(n) with H from hadamard_matrix
-    H = methods.hadamard_matrix(n)
+    H = hadamard.hadamard_matrix(n)
     D = torch.ones(n, dtype=torch.float64) if seed is None else R.signs
     assert bool((D.abs() == 1).all())
     torch.testing.assert_close(Rd, D[:, None] * H / math.sqrt(n))
@@ -118,8 +119,8 @@ def test_fast_equals_dense(n, seed, path):
 
 def test_fast_equals_dense_14336():
     n = 14336
-    R = methods.hadamard_rotation(n)
-    H = methods.hadamard_matrix(n, torch.int8)
+    R = features.hadamard_rotation(n)
+    H = hadamard.hadamard_matrix(n, torch.int8)
     x = torch.randn(4, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     xH = sum(x[:, i:i + 2048] @ H[i:i + 2048].to(torch.float64) for i in range(0, n, 2048))
     xHt = torch.cat([x @ H[i:i + 2048].to(torch.float64).T for i in range(0, n, 2048)], dim=1)
@@ -129,7 +130,7 @@ def test_fast_equals_dense_14336():
 
 @pytest.mark.parametrize("n", [12, 36, 640])
 def test_rotation_is_orthogonal_and_inverse(n):
-    R = methods.hadamard_rotation(n, seed=1)
+    R = features.hadamard_rotation(n, seed=1)
     Rd = R.matrix()
     torch.testing.assert_close(Rd @ Rd.T, torch.eye(n, dtype=torch.float64))
     x = torch.randn(6, n, dtype=torch.float64)
@@ -141,7 +142,7 @@ def test_rotation_is_orthogonal_and_inverse(n):
 @pytest.mark.parametrize("n", [28, 576, 640])
 @pytest.mark.parametrize("seed", [None, 3])
 def test_fold_weight_preserves_the_linear_layer(n, seed):
-    R = methods.hadamard_rotation(n, seed=seed)
+    R = features.hadamard_rotation(n, seed=seed)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 9, n, generator=g, dtype=torch.float64)
     W = torch.randn(33, n, generator=g, dtype=torch.float64)
@@ -149,9 +150,9 @@ def test_fold_weight_preserves_the_linear_layer(n, seed):
 
 
 def test_seeds_and_half_precision():
-    a, b, c = (methods.hadamard_rotation(40, seed=s) for s in (None, 1, 2))
+    a, b, c = (features.hadamard_rotation(40, seed=s) for s in (None, 1, 2))
     assert not torch.equal(b.signs, c.signs)
-    torch.testing.assert_close(methods.hadamard_rotation(40, seed=1).matrix(), b.matrix())
+    torch.testing.assert_close(features.hadamard_rotation(40, seed=1).matrix(), b.matrix())
     x = torch.randn(4, 40, dtype=torch.float64)
     for dt in (torch.bfloat16, torch.float16):
         y = b.forward(x.to(dt))
@@ -162,19 +163,19 @@ def test_seeds_and_half_precision():
 
 def test_orders_without_construction_raise_clear_errors():
     with pytest.raises(ValueError, match=r"n=6 .*multiples of 4"):
-        methods.hadamard_matrix(6)
+        hadamard.hadamard_matrix(6)
     with pytest.raises(ValueError, match=r"(?s)n=11008.*172 x 64: Paley I needs q=171 prime.*3\^2\*19") as e:
-        methods.hadamard_rotation(11008)
+        features.hadamard_rotation(11008)
     assert "max_factor=None" in str(e.value) and "random orthogonal" in str(e.value)
     with pytest.raises(ValueError, match="n=52"):
-        methods.hadamard_plan(52)
+        hadamard.hadamard_plan(52)
     # a construction with a huge dense factor exists for 11008 (Paley I, q = 5503): only on request
-    p = methods.hadamard_plan(11008, max_factor=None)
+    p = hadamard.hadamard_plan(11008, max_factor=None)
     assert (p.m, p.p, p.kind, p.q) == (5504, 2, "paley1", 5503)
     for bad in (0, -4, 2.5, True, "12"):
         with pytest.raises(ValueError, match="positive int"):
-            methods.hadamard_plan(bad)
-    R = methods.hadamard_rotation(12)
+            hadamard.hadamard_plan(bad)
+    R = features.hadamard_rotation(12)
     with pytest.raises(ValueError, match="d=12"):
         R.forward(torch.randn(3, 16))
     with pytest.raises(TypeError, match="floating"):
@@ -190,7 +191,7 @@ def test_smoothquant_scales_match_numpy(alpha):
     a = np.abs(rng.standard_cauchy(64))
     w = np.abs(rng.normal(size=64)) * 0.1
     a[3], w[5], a[7], w[9] = 0.0, 0.0, 1e-9, 1e-8  # a dead channel, an empty weight column, tiny values
-    s = methods.smoothquant_scales(torch.tensor(a), torch.tensor(w, dtype=torch.float32), alpha)
+    s = smoothquant.smoothquant_scales(torch.tensor(a), torch.tensor(w, dtype=torch.float32), alpha)
     eps = 1e-5
     w32 = w.astype(np.float32).astype(np.float64)  # the value the float32 tensor holds
     ref = np.maximum(a, eps) ** alpha / np.maximum(w32, eps) ** (1 - alpha)
@@ -214,9 +215,9 @@ def test_smoothquant_equalizes_ranges(alpha):
     X, W = _outlier_activations()
     W2 = torch.randn(10, X.shape[1], dtype=torch.float64)
     a = X.abs().amax(0)
-    w = methods.weight_input_absmax(W, W2)
+    w = smoothquant.weight_input_absmax(W, W2)
     torch.testing.assert_close(w, torch.cat([W, W2]).abs().amax(0))
-    T = methods.smoothquant_transform(a, w, alpha)
+    T = smoothquant.smoothquant_transform(a, w, alpha)
     assert isinstance(T, features.Scale)
     Xs, Ws, W2s = T.forward(X), T.fold_weight(W), T.fold_weight(W2)
     # the layer is unchanged
@@ -238,30 +239,30 @@ def test_smoothquant_bad_inputs():
     bad = a.clone()
     bad[2] = -1.0
     with pytest.raises(ValueError, match="act_absmax must be non-negative"):
-        methods.smoothquant_scales(bad, w)
+        smoothquant.smoothquant_scales(bad, w)
     bad[2] = float("nan")
     with pytest.raises(ValueError, match=r"weight_absmax contains non-finite values \(1 NaN"):
-        methods.smoothquant_scales(a, bad)
+        smoothquant.smoothquant_scales(a, bad)
     bad[2] = float("inf")
     with pytest.raises(ValueError, match="Inf"):
-        methods.smoothquant_scales(bad, w)
+        smoothquant.smoothquant_scales(bad, w)
     with pytest.raises(ValueError, match="8 channels but weight_absmax has 9"):
-        methods.smoothquant_scales(a, torch.rand(9))
+        smoothquant.smoothquant_scales(a, torch.rand(9))
     with pytest.raises(ValueError, match="1-D"):
-        methods.smoothquant_scales(a.view(2, 4), w)
+        smoothquant.smoothquant_scales(a.view(2, 4), w)
     with pytest.raises(ValueError, match="1-D"):
-        methods.smoothquant_scales(torch.zeros(0), torch.zeros(0))
+        smoothquant.smoothquant_scales(torch.zeros(0), torch.zeros(0))
     with pytest.raises(TypeError, match="torch.Tensor"):
-        methods.smoothquant_scales([1.0, 2.0], w)
+        smoothquant.smoothquant_scales([1.0, 2.0], w)
     for alpha in (-0.1, 1.5, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match="alpha"):
-            methods.smoothquant_scales(a, w, alpha)
+            smoothquant.smoothquant_scales(a, w, alpha)
     with pytest.raises(ValueError, match="eps"):
-        methods.smoothquant_scales(a, w, eps=0.0)
+        smoothquant.smoothquant_scales(a, w, eps=0.0)
     with pytest.raises(ValueError, match="weight 1 has 5 input features"):
-        methods.weight_input_absmax(torch.randn(3, 4), torch.randn(3, 5))
+        smoothquant.weight_input_absmax(torch.randn(3, 4), torch.randn(3, 5))
     with pytest.raises(ValueError, match="at least one"):
-        methods.weight_input_absmax()
+        smoothquant.weight_input_absmax()
 
 
 # =============================================================================================
@@ -293,7 +294,7 @@ def test_identity_hessian_is_round_to_nearest(symmetric, group_size, bits):
     eye = torch.eye(64, dtype=torch.float64)
     for kw in (dict(damp=0.0), dict(damp=0.01), dict(damp=0.0, block_size=5), dict(act_order=True),
                dict(static_groups=True)):
-        Q = methods.gptq_quantize(W, eye, bits, group_size=group_size, symmetric=symmetric, **kw)
+        Q = gptq.gptq_quantize(W, eye, bits, group_size=group_size, symmetric=symmetric, **kw)
         torch.testing.assert_close(Q, ref, rtol=0, atol=1e-12, msg=f"{kw}")
 
 
@@ -304,7 +305,7 @@ def test_identity_hessian_is_round_to_nearest_clip_and_row_bits():
     bits = torch.arange(16) % 3 + 2
     for sym in (True, False):
         ref = quant.fake_quant(W, bits, symmetric=sym, clip_ratio=0.8, block_size=8)
-        Q = methods.gptq_quantize(W, eye, bits, symmetric=sym, clip_ratio=0.8, group_size=8, damp=0.0)
+        Q = gptq.gptq_quantize(W, eye, bits, symmetric=sym, clip_ratio=0.8, group_size=8, damp=0.0)
         torch.testing.assert_close(Q, ref, rtol=0, atol=1e-12)
 
 
@@ -333,7 +334,7 @@ def test_matches_naive_obq_with_explicit_inverse(symmetric):
     H = X.T @ X
     ref = _naive_gptq(W, H, 4, symmetric, damp=0.01)
     for bs in (128, 16, 1):
-        Q = methods.gptq_quantize(W, H, 4, symmetric=symmetric, damp=0.01, block_size=bs)
+        Q = gptq.gptq_quantize(W, H, 4, symmetric=symmetric, damp=0.01, block_size=bs)
         torch.testing.assert_close(Q, ref, rtol=0, atol=1e-9, msg=f"block_size={bs}")
     assert not torch.allclose(ref, quant.fake_quant(W, 4, symmetric=symmetric))
 
@@ -350,17 +351,17 @@ GPTQ_CASES = [  # (out, in, bits, symmetric, group_size, act_order)
 def test_gptq_beats_rtn_on_held_out_correlated_inputs(out_f, in_f, bits, symmetric, group_size, act_order):
     Xc, Xt = _correlated(8 * in_f, in_f, seed=in_f)
     W = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(out_f), dtype=torch.float64)
-    acc = methods.hessian_accumulator(in_f)
+    acc = gptq.hessian_accumulator(in_f)
     for chunk in Xc.split(300):
         acc.add(chunk)
-    Q = methods.gptq_quantize(W, acc.H, bits, symmetric=symmetric, group_size=group_size, act_order=act_order)
+    Q = gptq.gptq_quantize(W, acc.H, bits, symmetric=symmetric, group_size=group_size, act_order=act_order)
     rtn = quant.fake_quant(W, bits, symmetric=symmetric, block_size=group_size)
     ratio = _output_error(Xt, W, Q) / _output_error(Xt, W, rtn)
     print(f"GPTQ/RTN held-out output error: W {out_f}x{in_f}, {bits} bits, sym={symmetric}, "
           f"group={group_size}, act_order={act_order}: {ratio:.3f}")
     assert ratio < 0.75
     # float32 arithmetic gives the same quality
-    Q32 = methods.gptq_quantize(W.float(), acc.H, bits, symmetric=symmetric, group_size=group_size,
+    Q32 = gptq.gptq_quantize(W.float(), acc.H, bits, symmetric=symmetric, group_size=group_size,
                                 act_order=act_order, compute_dtype=torch.float32)
     assert Q32.dtype == torch.float32
     assert _output_error(Xt, W, Q32.double()) / _output_error(Xt, W, rtn) < 0.75
@@ -380,7 +381,7 @@ def _assert_on_grid(Q, grid, group):
 def test_every_value_on_the_rtn_grid_of_its_row(symmetric, act_order):
     X, _ = _correlated(600, 64, seed=5)
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    Q, grid = methods.gptq_quantize(W, X.T @ X, 3, symmetric=symmetric, act_order=act_order, return_grid=True)
+    Q, grid = gptq.gptq_quantize(W, X.T @ X, 3, symmetric=symmetric, act_order=act_order, return_grid=True)
     rtn_grid = quant.minmax_grid(W, 3, symmetric)
     for a, b in zip(grid, rtn_grid):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -393,7 +394,7 @@ def test_group_grids_come_from_updated_weights(symmetric):
     X, _ = _correlated(600, 96, seed=6)
     W = torch.randn(16, 96, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     H = X.T @ X
-    Q, grid = methods.gptq_quantize(W, H, 4, symmetric=symmetric, group_size=32, return_grid=True)
+    Q, grid = gptq.gptq_quantize(W, H, 4, symmetric=symmetric, group_size=32, return_grid=True)
     _assert_on_grid(Q, grid, 32)
     static = quant.minmax_grid(W, 4, symmetric, block_size=32)
     # the first group sees the original weights; later groups see the updated ones
@@ -401,10 +402,10 @@ def test_group_grids_come_from_updated_weights(symmetric):
     assert not torch.allclose(grid.step[:, 1:], static.step[:, 1:])
     # the block size only moves rounding: same result with blocks of 5 (shrunk to 4) and 48 (-> 32)
     for bs in (5, 48, 200):
-        Qb = methods.gptq_quantize(W, H, 4, symmetric=symmetric, group_size=32, block_size=bs)
+        Qb = gptq.gptq_quantize(W, H, 4, symmetric=symmetric, group_size=32, block_size=bs)
         torch.testing.assert_close(Qb, Q, rtol=0, atol=1e-9)
     # act_order with groups: static groups from the original W
-    Qa, grid_a = methods.gptq_quantize(W, H, 4, symmetric=symmetric, group_size=32, act_order=True,
+    Qa, grid_a = gptq.gptq_quantize(W, H, 4, symmetric=symmetric, group_size=32, act_order=True,
                                        return_grid=True)
     for a, b in zip(grid_a, static):
         torch.testing.assert_close(a.expand_as(b) if a.shape != b.shape else a, b, rtol=0, atol=0)
@@ -421,9 +422,9 @@ def test_dead_inputs():
     keep = [k for k in range(40) if k != j]
     assert bool((W[:, j] < W[:, keep].amax(1)).all() and (W[:, j] > W[:, keep].amin(1)).all())
     H = X.T @ X
-    Q = methods.gptq_quantize(W, H, 4, damp=0.0, block_size=16)
+    Q = gptq.gptq_quantize(W, H, 4, damp=0.0, block_size=16)
     # the other columns are GPTQ of the problem without input j (same row grids)
-    Qr = methods.gptq_quantize(W[:, keep], H[keep][:, keep], 4, damp=0.0, block_size=16)
+    Qr = gptq.gptq_quantize(W[:, keep], H[keep][:, keep], 4, damp=0.0, block_size=16)
     torch.testing.assert_close(Q[:, keep], Qr, rtol=0, atol=1e-9)
     # the dead column is the weight zeroed, then rounded on the row grid
     grid = quant.minmax_grid(W, 4, True)
@@ -436,7 +437,7 @@ def test_dtypes_and_devices_of_the_result():
     H = (X.T @ X).float()
     for dt in (torch.float32, torch.bfloat16, torch.float64):
         W = torch.randn(8, 32).to(dt)
-        Q = methods.gptq_quantize(W, H, 4)
+        Q = gptq.gptq_quantize(W, H, 4)
         assert Q.dtype == dt and Q.shape == W.shape and Q.device == W.device
 
 
@@ -444,32 +445,32 @@ def test_gptq_bad_inputs():
     W = torch.randn(8, 32, dtype=torch.float64)
     H = torch.eye(32, dtype=torch.float64)
     with pytest.raises(ValueError, match="W must be a floating"):
-        methods.gptq_quantize(W[0], H)
+        gptq.gptq_quantize(W[0], H)
     with pytest.raises(ValueError, match="W must be a floating"):
-        methods.gptq_quantize(W.long(), H)
+        gptq.gptq_quantize(W.long(), H)
     with pytest.raises(ValueError, match=r"H must be an \(in, in\) = \(32, 32\)"):
-        methods.gptq_quantize(W, torch.eye(31))
+        gptq.gptq_quantize(W, torch.eye(31))
     Wn = W.clone()
     Wn[0, 0] = float("nan")
     with pytest.raises(ValueError, match="W contains non-finite"):
-        methods.gptq_quantize(Wn, H)
+        gptq.gptq_quantize(Wn, H)
     with pytest.raises(ValueError, match="not a multiple of group_size=5"):
-        methods.gptq_quantize(W, H, group_size=5)
+        gptq.gptq_quantize(W, H, group_size=5)
     Ha = H.clone()
     Ha[0, 1] = 0.5
     with pytest.raises(ValueError, match="not symmetric"):
-        methods.gptq_quantize(W, Ha)
+        gptq.gptq_quantize(W, Ha)
     with pytest.raises(ValueError, match="damp"):
-        methods.gptq_quantize(W, H, damp=-0.1)
+        gptq.gptq_quantize(W, H, damp=-0.1)
     with pytest.raises(ValueError, match="block_size"):
-        methods.gptq_quantize(W, H, block_size=0)
+        gptq.gptq_quantize(W, H, block_size=0)
     with pytest.raises(ValueError, match="compute_dtype"):
-        methods.gptq_quantize(W, H, compute_dtype=torch.float16)
+        gptq.gptq_quantize(W, H, compute_dtype=torch.float16)
     with pytest.raises(ValueError, match="bits must be in"):
-        methods.gptq_quantize(W, H, bits=1)
+        gptq.gptq_quantize(W, H, bits=1)
     indefinite = 2 * torch.ones(32, 32, dtype=torch.float64) - H  # diagonal 1, eigenvalues 63 and -1
     with pytest.raises(ValueError, match="not positive definite.*increase damp"):
-        methods.gptq_quantize(W, indefinite, damp=0.0)
+        gptq.gptq_quantize(W, indefinite, damp=0.0)
 
 
 # =============================================================================================
@@ -479,18 +480,18 @@ def test_hessian_accumulator_matches_concatenated_gram():
     g = torch.Generator().manual_seed(0)
     parts = [torch.randn(2, 5, 16, generator=g), torch.randn(7, 16, generator=g),
              torch.randn(3, 1, 4, 16, generator=g)]
-    acc = methods.HessianAccumulator()
+    acc = gptq.HessianAccumulator()
     for p in parts:
         acc.add(p)
     X = torch.cat([p.reshape(-1, 16) for p in parts]).double()
     assert acc.count == X.shape[0] == 29
     assert acc.H.dtype == torch.float64
     torch.testing.assert_close(acc.H, X.T @ X / 29)
-    assert methods.hessian_accumulator is methods.HessianAccumulator
+    assert gptq.hessian_accumulator is gptq.HessianAccumulator
 
 
 def test_hessian_accumulator_errors():
-    acc = methods.hessian_accumulator(8)
+    acc = gptq.hessian_accumulator(8)
     with pytest.raises(ValueError, match="no samples"):
         acc.H
     with pytest.raises(ValueError, match="6 features, the accumulator has d=8"):
@@ -500,4 +501,4 @@ def test_hessian_accumulator_errors():
     with pytest.raises(ValueError, match="non-finite"):
         acc.add(torch.full((2, 8), float("inf")))
     with pytest.raises(ValueError, match="positive int"):
-        methods.HessianAccumulator(0)
+        gptq.HessianAccumulator(0)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stamp_lib import models, study, text
+from stamp_lib.book import study
+from stamp_lib.zoo import models, text
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,8 @@ import yaml
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
+from stamp_lib.book import claims
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.md"))  # 99_claims last
 CELL_TIMEOUT = 1800  # seconds per cell, as execute.timeout in book/_config.yml
@@ -76,7 +78,7 @@ def output_offences(nb) -> list[str]:
     path of the machine that ran it (a cell's value such as ``PosixPath('/home/...')``)."""
     import base64
 
-    from stamp_lib import plotting
+    from stamp_lib.book import plotting
 
     bad = []
     for k, cell in enumerate([c for c in nb.cells if c.cell_type == "code"], 1):
@@ -88,7 +90,7 @@ def output_offences(nb) -> list[str]:
                         for ln in plotting.check_lines(_ANSI.sub("", o["text"]))]
             png = o.get("data", {}).get("image/png")
             if png and b"stamp:min_font_pt" not in base64.b64decode(png):
-                bad.append(f"code cell {k}: a figure not drawn with stamp_lib.plotting.show")
+                bad.append(f"code cell {k}: a figure not drawn with stamp_lib.book.plotting.show")
     return bad
 
 
@@ -150,10 +152,10 @@ CONVENTIONS_TODO: dict[str, str] = {}
     pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=CONVENTIONS_TODO[p.stem]))
     if p.stem in CONVENTIONS_TODO else p for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_source_conventions(path: Path):
-    """Fast, no kernel: the conventions of stamp_lib/plotting.py and stamp_lib/study.py."""
+    """Fast, no kernel: the conventions of stamp_lib/book/plotting.py and stamp_lib/book/study.py."""
     import jupytext
 
-    from stamp_lib import plotting
+    from stamp_lib.book import plotting
 
     nb = jupytext.read(path)
     text = path.read_text()
@@ -301,7 +303,7 @@ def _outputs(nb) -> str:
 def test_claims_page_shows_both_sizes_and_every_registered_claim(tmp_path, monkeypatch):
     import json
 
-    from stamp_lib import study
+    from stamp_lib.book import study
 
     small, full = tmp_path / "small", tmp_path / "full"
     monkeypatch.setenv("STAMP_RESULTS", str(small))
@@ -316,14 +318,14 @@ def test_claims_page_shows_both_sizes_and_every_registered_claim(tmp_path, monke
     run = study.start("01_theorem1")
     run.verdict("theorem1_holds", "confirmed: full-2288", "worst ratio 0.0422", conditions={"s": 2048})
     rec = json.loads(run.save().read_text())                    # stored as make record-full does
-    rec["code"]["files"]["stamp_lib/quant.py"] = "0" * 64      # its code changed since: stale
+    rec["code"]["files"]["stamp_lib/core/quant.py"] = "0" * 64      # its code changed since: stale
     study.write_full_record(rec, full)
     monkeypatch.setenv("STAMP_RESULTS", str(small))
     page = ROOT / "notebooks" / "99_claims.md"
     out = _outputs(execute(page, cwd=ROOT / "notebooks"))
     assert "**confirmed: holds-7319**: worst ratio 0.0731 (s = 256, avg bits 5; chapter 01_theorem1)" in out
     assert "**confirmed: full-2288** (stale): worst ratio 0.0422 (s = 2048; chapter 01_theorem1)" in out
-    for c in study.CLAIMS.values():                   # every registered claim, tested or not
+    for c in claims.CLAIMS.values():                   # every registered claim, tested or not
         assert c.title in out and c.paper in out
     assert "not tested" in out and "stale" in out
 

@@ -13,8 +13,8 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
-from stamp_lib import pixart as P  # noqa: E402
-from stamp_lib import quant, transforms  # noqa: E402
+from stamp_lib.core import quant, transforms
+from stamp_lib.experiments import pixart as P
 
 STEPS = 2
 
@@ -313,7 +313,7 @@ def _save_with_text(tmp_path, words):
 
 
 def test_cli_end_to_end(tmp_path):
-    """`python -m stamp_lib.pixart` on a saved tiny pipeline with a real tokenizer and T5 encoder:
+    """`python -m stamp_lib pixart` on a saved tiny pipeline with a real tokenizer and T5 encoder:
     prompts read, encoded, calibration, the ten Figure 1 / Table 1 cells, a JSON file."""
     texts = [ln.split() for ln in ("a red apple on a table", "two dogs in a field", "a boat on a lake")]
     folder = _save_with_text(tmp_path, sorted({w for t in texts for w in t}))

@@ -8,7 +8,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from stamp_lib import bounds, metrics, quant, transforms
+from stamp_lib.core import bounds, metrics, quant, transforms
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from stamp_lib import features, hooks, quant, recipe, transforms
-from stamp_lib.recipe import ActQuant, Recipe, Rule, WeightQuant
+from stamp_lib.core import quant, transforms
+from stamp_lib.methods import features
+from stamp_lib.model import hooks, recipe
+from stamp_lib.model.recipe import ActQuant, Recipe, Rule, WeightQuant
 
 
 def tiny_llama(seed=0, layers=2, hidden=64, tie=False):
@@ -91,7 +93,7 @@ def test_settings_are_frozen_and_bits_follow_absolute_positions():
     assert a.bits_vector(10).tolist() == [8] * 10  # a short prompt: every position is < 64
     assert a.bits_vector(1, offset=63).tolist() == [8] and a.bits_vector(1, offset=64).tolist() == [4]
     assert a.average_bits(2048) == pytest.approx(4 + 4 * 64 / 2048)
-    assert recipe.parse_bits(4) == (0, 4, 4) and recipe.parse_bits("6") == (0, 6, 6)
+    assert quant.parse_bits(4) == (0, 4, 4) and quant.parse_bits("6") == (0, 6, 6)
 
 
 # ----------------------------------------------------------------------------- equivalences
@@ -284,14 +286,14 @@ def test_methods_without_quantization_leave_logits_unchanged(feature, wmethod):
 
 
 def test_rotated_weights_are_quantized_in_the_rotated_basis():
-    from stamp_lib import methods
+    pass
 
     model = tiny_llama(layers=1)
     lin = model.model.layers[0].mlp.down_proj
     W = lin.weight.detach().clone()
     r = Recipe(Rule("*.down_proj", weight=WeightQuant(bits=4), feature="hadamard"))
     prep = recipe.prepare(model, r, progress=False)
-    R = methods.hadamard_rotation(W.shape[1])
+    R = features.hadamard_rotation(W.shape[1])
     want = quant.fake_quant(R.fold_weight(W.double()), 4, symmetric=True).float()
     torch.testing.assert_close(prep.weights["model.layers.0.mlp.down_proj"], want, atol=1e-6, rtol=1e-6)
     # ... which is not the rotation of the original-basis RTN weight
@@ -300,7 +302,7 @@ def test_rotated_weights_are_quantized_in_the_rotated_basis():
     seeded = Recipe(Rule("*.down_proj", weight=WeightQuant(bits=4), feature="hadamard", hadamard_seed=5))
     assert seeded.prep_key() != r.prep_key() and seeded.knobs()["rules"][0]["hadamard_seed"] == 5
     F = recipe.prepare(model, seeded, progress=False).features["model.layers.0.mlp.down_proj"]
-    Rs = methods.hadamard_rotation(W.shape[1], seed=5)
+    Rs = features.hadamard_rotation(W.shape[1], seed=5)
     torch.testing.assert_close(F.matrix(), Rs.matrix(), rtol=0, atol=0)
     assert not torch.equal(F.matrix(), R.matrix())
 
@@ -343,7 +345,7 @@ def test_non_hadamard_size_is_a_clear_error():
 def test_kv_quantization_touches_only_keys_and_values():
     """Through the recipe: per-token K/V quantization equals the kv module's own path with the
     same quantizer, and leaves the linear inputs alone."""
-    from stamp_lib import kv
+    from stamp_lib.model import kv
 
     model = tiny_llama()
     spec = ActQuant(bits="8x8+4")

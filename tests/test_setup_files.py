@@ -21,7 +21,7 @@ from check_legible import check_page, png_info  # noqa: E402
 from check_offline import remote_loads  # noqa: E402
 
 sys.path.pop(0)
-from stamp_lib.plotting import TEXT_COLS  # noqa: E402
+from stamp_lib.book.plotting import TEXT_COLS  # noqa: E402
 
 
 def _requirements(path: Path) -> dict[str, Requirement]:
@@ -210,7 +210,9 @@ def test_opening_and_saving_in_jupyterlab_changes_nothing(tmp_path, path):
 
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
-    from jupytext.async_contentsmanager import build_async_jupytext_contents_manager_class
+    from jupytext.async_contentsmanager import (
+        build_async_jupytext_contents_manager_class,
+    )
 
     spec = KernelSpecManager(kernel_dirs=[str(ROOT / ".venv" / "share" / "jupyter" / "kernels")]).get_kernel_spec("python3")
     (tmp_path / path.name).write_bytes(path.read_bytes())
@@ -301,7 +303,7 @@ def test_check_legible_passes_a_legible_page(tmp_path):
 
 @pytest.mark.parametrize("body, what", [
     ('<div class="output stream"><pre>' + "x" * (TEXT_COLS + 1) + "</pre></div>", "text output line of"),
-    ('<img src="plain.png" />', "not drawn with stamp_lib.plotting.show"),
+    ('<img src="plain.png" />', "not drawn with stamp_lib.book.plotting.show"),
     ('<img src="small.png" />', "displayed at"),
     ("<table><tr><td>" + "w" * 50 + "</td><td>" + "v" * 50 + "</td></tr></table>", "px column"),
     ('<div class="output text_plain"><pre>PosixPath(&#39;/home/me/r.json&#39;)</pre></div>',
@@ -338,13 +340,13 @@ def test_record_full_stores_the_chapter_results_compressed(tmp_path, monkeypatch
         import record_full
     finally:
         sys.path.pop(0)
-    from stamp_lib import study
+    from stamp_lib.book import study
 
     monkeypatch.setenv("STUDY_SIZE", "small")                 # record() changes both; restored after
     monkeypatch.setenv("STAMP_RESULTS", str(tmp_path / "unused"))
     nb = tmp_path / "zz_tiny.md"
     nb.write_text("---\nkernelspec:\n  name: python3\n  display_name: Python 3\n---\n\n"
-                  "```{code-cell} ipython3\nfrom stamp_lib import study\n"
+                  "```{code-cell} ipython3\nfrom stamp_lib.book import study\n"
                   "run = study.start('zz_tiny')\nrun.record('x', study.size() == 'full', s=2048)\n"
                   "run.save()\n```\n")
     record_full.record(nb, tmp_path / "full")

@@ -18,7 +18,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from stamp_lib import plotting, study
+from stamp_lib.book import claims, plotting, study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def results(tmp_path, monkeypatch):
 
 def test_unknown_claim_key_fails_at_verdict(results):
     run = study.start("01_theorem1")
-    with pytest.raises(KeyError, match="theorem_1_holds.*stamp_lib.study.CLAIMS"):
+    with pytest.raises(KeyError, match="theorem_1_holds.*stamp_lib.book.claims.CLAIMS"):
         run.verdict("theorem_1_holds", "confirmed", "ratio 0.1")
     assert run.verdicts == []
 
@@ -48,7 +48,7 @@ def test_unknown_claim_key_fails_at_verdict(results):
     ("Refuted", "refuted"),
 ])
 def test_verdict_status(verdict, status):
-    assert study.verdict_status(verdict) == status
+    assert claims.verdict_status(verdict) == status
 
 
 @pytest.mark.parametrize("bad", ["holds", "confirmedly", "", "ok: confirmed"])
@@ -80,7 +80,7 @@ def test_save_returns_a_path_that_a_notebook_cell_does_not_display(results):
 
 
 def test_registry_entries_are_complete():
-    for key, c in study.CLAIMS.items():
+    for key, c in claims.CLAIMS.items():
         assert re.fullmatch(r"[a-z0-9_]+", key), key
         assert c.title and len(c.title) <= 45, (key, c.title)   # fits a table cell
         assert c.claim and c.where and c.paper, key
@@ -95,7 +95,7 @@ def test_every_verdict_key_in_the_notebooks_is_registered():
     for nb in sorted((ROOT / "notebooks").glob("*.md")):
         for key in re.findall(r"run\.verdict\(\s*[\"']([^\"']+)[\"']", nb.read_text()):
             found += 1
-            assert key in study.CLAIMS, f"{nb.name}: run.verdict({key!r}) names no registered claim"
+            assert key in claims.CLAIMS, f"{nb.name}: run.verdict({key!r}) names no registered claim"
     assert found >= 5
 
 
@@ -108,8 +108,8 @@ def test_save_writes_provenance_and_code_hash(results):
     for k in ("commit", "dirty", "date", "machine", "versions", "wall_time_s", "code"):
         assert k in data, k
     files = data["code"]["files"]
-    assert "notebooks/01_theorem1.md#code" in files and "stamp_lib/metrics.py" in files
-    assert "stamp_lib/plotting.py" not in files and "stamp_lib/study.py" not in files  # no numbers
+    assert "notebooks/01_theorem1.md#code" in files and "stamp_lib/core/metrics.py" in files
+    assert not any(f.startswith("stamp_lib/book/") for f in files)  # no numbers
     assert data["versions"]["torch"] and re.match(r"\d{4}-\d\d-\d\dT", data["date"])
 
 
@@ -132,7 +132,7 @@ def _record(folder: Path, files: dict) -> None:
 
 
 def test_full_record_is_stale_when_its_code_changed(tmp_path):
-    quant = "stamp_lib/quant.py"
+    quant = "stamp_lib/core/quant.py"
     good = {quant: study.current_hash(quant),
             "notebooks/01_theorem1.md#code": study.current_hash("notebooks/01_theorem1.md#code")}
     _record(tmp_path, good)
@@ -144,7 +144,7 @@ def test_full_record_is_stale_when_its_code_changed(tmp_path):
     assert rec.stale and rec.changed == [quant] and "STALE" in rec.when()
     _record(tmp_path, good | {"stamp_lib/gone.py": "0" * 64})
     assert study.full_record("01_theorem1", tmp_path).changed == ["stamp_lib/gone.py"]
-    _record(tmp_path, good | {"stamp_lib/study.py": "0" * 64})   # the registry grew: still fresh
+    _record(tmp_path, good | {"stamp_lib/book/claims.py": "0" * 64})   # the registry grew: still fresh
     assert not study.full_record("01_theorem1", tmp_path).stale
     assert study.full_record("99_nothing", tmp_path) is None
 
@@ -197,7 +197,7 @@ def test_findings_table_shows_both_sizes(results, tmp_path):
     md = study.findings_table("01_theorem1", run.verdicts, None).data
     assert "Theorem 1 bounds the error" in md and "0.0912" in md and "not recorded" in md
     assert "make record-full NB=01_theorem1" in md and "s = 256" in md
-    _record(tmp_path, {"stamp_lib/quant.py": "0" * 64})
+    _record(tmp_path, {"stamp_lib/core/quant.py": "0" * 64})
     md = study.findings_table("01_theorem1", run.verdicts, study.full_record("01_theorem1", tmp_path)).data
     assert "0.05" in md and "STALE" in md and "s = 2048" in md
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from stamp_lib import text
+from stamp_lib.zoo import text
 
 
 class WordTokenizer:
@@ -121,7 +121,7 @@ def test_missing_gensim_names_the_install_command(monkeypatch):
 def test_real_tokenizer_windows_decode_to_the_articles():
     from transformers import AutoTokenizer
 
-    from stamp_lib import models
+    from stamp_lib.zoo import models
 
     tok = AutoTokenizer.from_pretrained(models.gguf_checkpoint(models.smollm2_gguf_path(), "smollm2"))
     cal, ev = text.wiki_split()

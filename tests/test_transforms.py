@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stamp_lib import transforms
+from stamp_lib.core import transforms
 
 close = torch.testing.assert_close  # tolerances stated where the computations differ
 
@@ -166,7 +166,7 @@ def test_klt_orders_eigenvalues_and_maximises_concentration():
     close(M @ M.T, torch.eye(s, dtype=torch.float64), rtol=0, atol=1e-10)
     close(K.inverse(K.forward(X)), X, rtol=0, atol=1e-10)
     # in-sample, the first k KLT rows hold at least as much energy as any other transform
-    from stamp_lib.metrics import energy_profile
+    from stamp_lib.core.metrics import energy_profile
 
     pk = energy_profile(K.forward(X))
     for T in [transforms.build(n) for n in ("identity", "dct", "wht", "dwt")]:

@@ -2,9 +2,9 @@ r"""The image-generator experiment (the paper's Figure 1 and Table 1) on the gal
 
 The paper quantizes PixArt-Sigma and SANA at W4A4 and reports the SQNR of the generated images
 against the full-precision pipeline run from the same noise. No such checkpoint can be loaded
-here (see :mod:`stamp_lib.pixart` for the PixArt-Sigma path, ready for the real weights), so this
+here (see :mod:`stamp_lib.experiments.pixart` for the PixArt-Sigma path, ready for the real weights), so this
 module runs the same protocol on the one pretrained image diffusion model that is available: the
-galaxy score network of :mod:`stamp_lib.galaxy` (an MLP-Mixer over a 16 x 16 grid of patch
+galaxy score network of :mod:`stamp_lib.zoo.galaxy` (an MLP-Mixer over a 16 x 16 grid of patch
 tokens, 1.6 M parameters, real weights from ``galaxygrad==0.1.9``).
 
 What is quantized (rules by layer name; :func:`galaxy_config`)
@@ -25,7 +25,7 @@ What is quantized (rules by layer name; :func:`galaxy_config`)
 
 Methods (each without and with STaMP): ``rtn`` (plain), ``hadamard`` (an orthogonal Hadamard
 rotation of every layer's input features folded into the weight before it is quantized, as in
-QuaRot; ``hadamard_seed`` adds QuaRot's random sign flips, :class:`~stamp_lib.recipe.Rule`) and ``svdquant``
+QuaRot; ``hadamard_seed`` adds QuaRot's random sign flips, :class:`~stamp_lib.model.recipe.Rule`) and ``svdquant``
 (SVDQuant-style: SmoothQuant smoothing with ``alpha`` from calibration inputs, then the top
 ``rank`` singular part of the smoothed weight kept in full precision on the unquantized input and
 the residual quantized). ViDiT-Q's own recipe (per-timestep dynamic ranges, channel balancing and
@@ -35,8 +35,8 @@ metrics of a text-to-image model and the paper's ViDiT-Q row itself is doubtful 
 
 Protocol (:func:`reference`, :func:`evaluate`)
 ----------------------------------------------
-For each seed, ``n`` initial noises are drawn (:func:`stamp_lib.galaxy.initial_noise`) and the
-deterministic probability-flow sampler (:func:`stamp_lib.galaxy.sample`, EDM Heun, ``steps``
+For each seed, ``n`` initial noises are drawn (:func:`stamp_lib.zoo.galaxy.initial_noise`) and the
+deterministic probability-flow sampler (:func:`stamp_lib.zoo.galaxy.sample`, EDM Heun, ``steps``
 steps) runs once in full precision and once per configuration from the *same* noise. Metrics:
 
 * SQNR (dB) of each final sample against its full-precision twin, in image space
@@ -51,16 +51,14 @@ steps) runs once in full precision and once per configuration from the *same* no
   so a verdict is not a difference between two noisy draws.
 
 Everything is fake quantization in floating point (accuracy simulated, not speed).
-``python -m stamp_lib.diffusion bench`` measures the sampling time of the quantized model against
-full precision (target: at most 3x); ``python -m stamp_lib.diffusion --method rtn`` prints one
+``python -m stamp_lib diffusion bench`` measures the sampling time of the quantized model against
+full precision (target: at most 3x); ``python -m stamp_lib diffusion --method rtn`` prints one
 table row (without and with STaMP, paired).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -68,24 +66,27 @@ from pathlib import Path
 
 import torch
 
-from . import galaxy, hooks
-from . import recipe as rcp
-from .recipe import ActQuant, Recipe, Rule, WeightQuant
+from ..core import autocorr, metrics, stats, transforms
+from ..core.io import results_dir, write_json
+from ..methods import FEATURE_OF
+from ..methods import IMAGE_BASELINES as METHODS
+from ..model import capture, hooks
+from ..model import recipe as rcp
+from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
+from ..zoo import galaxy
 
 __all__ = ["CHANNEL_MIXING", "TOKEN_MIXING", "METHODS", "Config", "galaxy_config", "prepare", "Reference",
-           "reference", "calibration_batches", "Outcome", "evaluate", "run_configs", "paired", "sqnr_per_image",
-           "psnr_per_image", "row_structure", "benchmark", "main"]
+           "reference", "calibration_batches", "Outcome", "evaluate", "run_configs", "paired",
+           "row_structure", "benchmark", "main"]
 
 CHANNEL_MIXING = "blocks.*.hidden_mixer.*"  # rows = patch tokens on the grid: STaMP applies
 TOKEN_MIXING = "blocks.*.patch_mixer.*"  # rows = channels, no order: plain quantization
-METHODS = ("fp", "rtn", "hadamard", "svdquant")
-_FEATURE = {"fp": None, "rtn": None, "hadamard": "hadamard", "svdquant": "smoothquant"}
 
 
 # ----------------------------------------------------------------------------- configurations
 @dataclass(frozen=True)
 class Config:
-    """One configuration of the experiment: a :class:`~stamp_lib.recipe.Recipe` with its name and
+    """One configuration of the experiment: a :class:`~stamp_lib.model.recipe.Recipe` with its name and
     the knobs it was built from (``info``)."""
 
     name: str
@@ -146,7 +147,7 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
         if token_stamp:
             if not token_hp:
                 raise ValueError("token_stamp needs token_hp > 0 high-precision rows")
-            tok_levels = max(1, int(round(math.log2(64 / token_hp))))
+            tok_levels = transforms.haar_levels(64, token_hp)
             tk = ActQuant(bits=bits(token_hp), transform="dwt", levels=tok_levels, block_size=block_size)
         else:
             tk = ActQuant(bits=bits(token_hp), block_size=block_size)
@@ -154,7 +155,7 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
     w = None if w_bits is None else WeightQuant(bits=w_bits, lowrank=lowrank)
     if w is None and lowrank:
         raise ValueError("the svdquant low-rank branch needs quantized weights (w_bits)")
-    feat = _FEATURE[method]
+    feat = FEATURE_OF[method]
     rules = (Rule(CHANNEL_MIXING, act=ch, weight=w, feature=feat, alpha=alpha, hadamard_seed=hadamard_seed),
              Rule(TOKEN_MIXING, act=tk, weight=w, feature=feat, alpha=alpha, hadamard_seed=hadamard_seed))
     wname = "A" if w_bits is None else f"W{w_bits}A"
@@ -171,35 +172,12 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
 
 
 def prepare(model, config: Config, calib=None, *, progress: bool = False) -> rcp.Prepared:
-    """:func:`stamp_lib.recipe.prepare` for ``config`` on the galaxy model (``calib``: a list of
+    """:func:`stamp_lib.model.recipe.prepare` for ``config`` on the galaxy model (``calib``: a list of
     ``(y, t)`` batches, needed for ``svdquant``; see :func:`calibration_batches`)."""
     return rcp.prepare(model, config.recipe, calib, forward=lambda m, b: m(b[0], b[1]), progress=progress)
 
 
 # ----------------------------------------------------------------------------- metrics
-def sqnr_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
-    """SQNR (dB) of every image (dim 0) of ``test`` against ``reference``, float64; ``inf`` where
-    they are equal. Same definition as :func:`stamp_lib.metrics.sqnr_db` applied per image."""
-    if reference.shape != test.shape or reference.dim() < 2:
-        raise ValueError(f"need two batches of the same shape, got {tuple(reference.shape)} and {tuple(test.shape)}")
-    r, t = reference.double().flatten(1), test.double().flatten(1)
-    if not (bool(torch.isfinite(r).all()) and bool(torch.isfinite(t).all())):
-        raise ValueError("sqnr_per_image got NaN/Inf")
-    return 10 * torch.log10(r.pow(2).sum(1) / (r - t).pow(2).sum(1))
-
-
-def psnr_per_image(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
-    """PSNR (dB) per image with the reference image's range (max - min) as the peak."""
-    r, t = reference.double().flatten(1), test.double().flatten(1)
-    peak = r.amax(1) - r.amin(1)
-    return 10 * torch.log10(peak.pow(2) / (r - t).pow(2).mean(1))
-
-
-def _sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    r, t = ref.double(), test.double()
-    return float(10 * torch.log10(r.pow(2).sum() / (r - t).pow(2).sum()))
-
-
 # ----------------------------------------------------------------------------- reference runs
 @dataclass
 class Reference:
@@ -300,8 +278,7 @@ class Outcome:
 
     def se(self, space: str = "image") -> float:
         """Standard error of the mean over images."""
-        v = self._v(space)
-        return float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
+        return stats.mean_se(self._v(space))[1]
 
     def seed_means(self, space: str = "image") -> torch.Tensor:
         """Mean SQNR of each seed's batch."""
@@ -353,14 +330,14 @@ def evaluate(model, config: Config, refs: list[Reference], prepared: rcp.Prepare
                     ch_tok += v.tokens
                     ch_sum += v.bits
             if k < score_batches:
-                scores.append(torch.tensor([_sqnr(o, model(y, t)) for (y, t), o in zip(ref.inputs, ref.scores)]))
+                scores.append(torch.tensor([metrics.sqnr_db(o, model(y, t)) for (y, t), o in zip(ref.inputs, ref.scores)]))
         if not bool(torch.isfinite(s.y).all()):
             raise FloatingPointError(f"{config.name}: the quantized sampler produced NaN/Inf (seed {ref.seed})")
         # image space in float64: a diverged sample (exp of a large y) stays finite and scores low
         img_ref, img = galaxy.to_image(ref.y.double()), galaxy.to_image(s.y.double())
-        sq_img.append(sqnr_per_image(img_ref, img))
-        sq_y.append(sqnr_per_image(ref.y, s.y))
-        ps.append(psnr_per_image(img_ref, img))
+        sq_img.append(metrics.sqnr_db_per_sample(img_ref, img))
+        sq_y.append(metrics.sqnr_db_per_sample(ref.y, s.y))
+        ps.append(metrics.psnr_db_per_sample(img_ref, img))
         seeds.append(torch.full((ref.n,), ref.seed))
         if k == 0 and keep_images:
             images = s.image.clone()
@@ -393,12 +370,9 @@ def paired(base: Outcome, other: Outcome, space: str = "image") -> dict:
     a, b = base._v(space), other._v(space)
     if a.shape != b.shape or not torch.equal(base.seed, other.seed):
         raise ValueError("a paired comparison needs the same images (same references)")
-    d = b - a
-    n = d.numel()
-    se = float(d.std() / math.sqrt(n)) if n > 1 else float("nan")
-    mean = float(d.mean())
-    return {"delta_db": mean, "se_db": se, "wins": int((d > 0).sum()), "n": n,
-            "beyond_2se": bool(n > 1 and abs(mean) > 2 * se)}
+    p = stats.paired_difference(a, b, better="higher")
+    return {"delta_db": p["mean"], "se_db": p["se"], "ci95_lo": p["ci_lo"], "ci95_hi": p["ci_hi"], "wins": p["wins"],
+            "n": p["n"], "beyond_2se": p["beyond_2se"], "beyond_ci95": p["beyond_ci"]}
 
 
 # ----------------------------------------------------------------------------- row structure
@@ -417,7 +391,7 @@ def row_structure(model, refs: list[Reference], *, steps=(0, 4, 8, 12), hp_token
 
     * ``toeplitz``: share of the centred row autocorrelation S explained by the nearest
       (2-D for the 16 x 16 token grid, 1-D for the 64 channel rows) Toeplitz matrix
-      (:func:`stamp_lib.analysis.toeplitz_fraction`);
+      (:func:`stamp_lib.core.autocorr.toeplitz_fraction`);
     * ``energy``: fraction of the energy in the first ``hp_tokens`` rows after STaMP's Haar DWT
       (2-D, 3 levels, for tokens; 1-D to ``hp_tokens`` rows for channels); ``energy_identity``:
       the same without a transform. Most of it is the mean row (every LL row averages a block of
@@ -427,8 +401,6 @@ def row_structure(model, refs: list[Reference], *, steps=(0, 4, 8, 12), hp_token
       have a local order, shuffling them destroys the compaction; where they have none, it
       changes nothing (both near ``hp_tokens / s``);
     * ``S``: the mean row autocorrelation (for figures)."""
-    from . import analysis, capture, transforms
-
     batches = [ref.inputs[i] for ref in refs for i in steps if i < len(ref.inputs)]
     if not batches:
         raise ValueError(f"no sampler step among {steps} in the references")
@@ -442,16 +414,16 @@ def row_structure(model, refs: list[Reference], *, steps=(0, 4, 8, 12), hp_token
             T = transforms.build("dwt", levels=3, grid=(model.grid, model.grid))
             grid = (model.grid, model.grid)
         else:
-            T = transforms.build("dwt", levels=int(round(math.log2(s / hp_tokens))))
+            T = transforms.build("dwt", levels=transforms.haar_levels(s, hp_tokens))
             grid = None
-        Xd = X.double()
-        S = torch.einsum("nsd,ntd->st", Xd, Xd) / (Xd.shape[0] * Xd.shape[-1])
+        S_sum, n_cols = autocorr.sum_xxt(X.double())
+        S = S_sum / n_cols
         Xc = X - X.mean(dim=-2, keepdim=True)
         shuffled = []
         for _ in range(n_perm):
             perm = torch.randperm(s, generator=g)
             shuffled.append(_energy_first(Xc[:, perm], T, hp_tokens))
-        out[name] = {"kind": kind, "s": s, "toeplitz": analysis.toeplitz_fraction(S, grid, center=True),
+        out[name] = {"kind": kind, "s": s, "toeplitz": autocorr.toeplitz_fraction(S, grid, center=True),
                      "energy": _energy_first(X, T, hp_tokens), "energy_identity": _energy_first(X, None, hp_tokens),
                      "energy_centred": _energy_first(Xc, T, hp_tokens),
                      "energy_centred_shuffled": sum(shuffled) / n_perm, "S": S.float()}
@@ -511,9 +483,9 @@ def _benchmark(n, steps, repeats):
 
 # ----------------------------------------------------------------------------- command line
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stamp_lib.diffusion", description=(
+    p = argparse.ArgumentParser(prog="python -m stamp_lib diffusion", description=(
         "One row of the galaxy-model table: SQNR of quantized samples against full precision (same noise), "
-        "without and with STaMP, paired. `python -m stamp_lib.diffusion bench` times sampling instead."))
+        "without and with STaMP, paired. `python -m stamp_lib diffusion bench` times sampling instead."))
     p.add_argument("--method", default="rtn", choices=METHODS[1:])
     p.add_argument("--w-bits", type=int, default=4, help="0 keeps weights in full precision")
     p.add_argument("--a-bits", type=int, default=4)
@@ -530,7 +502,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        b = argparse.ArgumentParser(prog="python -m stamp_lib.diffusion bench")
+        b = argparse.ArgumentParser(prog="python -m stamp_lib diffusion bench")
         b.add_argument("--images", type=int, default=8)
         b.add_argument("--steps", type=int, default=12)
         b.add_argument("--repeats", type=int, default=3)
@@ -538,8 +510,6 @@ def main(argv=None) -> dict:
         a = b.parse_args(argv[1:])
         return benchmark(a.images, a.steps, a.repeats, a.threads or None)
     a = _parser().parse_args(argv)
-    from . import study
-
     model = galaxy.load_galaxy_model()
     kw = dict(w_bits=a.w_bits or None, a_bits=a.a_bits, hp_tokens=a.hp_tokens, block_size=a.block_size or None,
               rank=a.rank)
@@ -555,10 +525,8 @@ def main(argv=None) -> dict:
     out = {"results": {k: {**r.summary(), "knobs": r.config.knobs()} for k, r in res.items()}, "paired": pr,
            "protocol": "galaxy hsc_ScoreNet64, EDM Heun sampler, SQNR per image against full precision from the "
                        "same noise, image space", "simulated": "fake quantization in floating point"}
-    path = Path(a.out) if a.out else study.results_dir() / "diffusion" / f"galaxy-{cfgs['base'].name.replace(' ', '_')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=float))
-    print(f"wrote {path}")
+    path = Path(a.out) if a.out else results_dir() / "diffusion" / f"galaxy-{cfgs['base'].name.replace(' ', '_')}.json"
+    write_json(path, out)
     return out
 
 

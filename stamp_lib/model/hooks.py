@@ -1,6 +1,6 @@
 """The one hooks layer: select modules by name, see (and optionally replace) their inputs.
 
-Activation capture (:mod:`stamp_lib.capture`) and quantization (:mod:`stamp_lib.recipe`) both
+Activation capture (:mod:`stamp_lib.model.capture`) and quantization (:mod:`stamp_lib.model.recipe`) both
 attach to a model through :func:`input_hooks`, so both accept the same inputs, report errors the
 same way and leave the model the same way (every hook removed on exit, also when the body raises).
 Nothing in the model's code changes.
@@ -11,6 +11,9 @@ Contract
   patterns (``fnmatch``, e.g. ``"*.self_attn.q_proj"``), regexes written ``"re:<regex>"``
   (``re.fullmatch``) or compiled ``re.Pattern`` objects. A pattern that matches nothing is an
   error that lists some available names. :func:`matches` is the single matching rule.
+* :func:`module_hook` is the one other way a hook is attached: one raw forward pre-hook
+  (``kind="pre"``, called as ``fn(module, args, kwargs)``) or forward hook (``kind="post"``,
+  ``fn(module, args, output)``) on one module, removed when the block exits.
 * :func:`input_hooks` registers one forward *pre*-hook per selected module. The hook finds the
   module's input: the first positional argument, else the keyword ``input`` / ``hidden_states`` /
   ``x``, else the only tensor keyword. It calls ``fn(name, module, x)``; a returned tensor replaces
@@ -29,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["select_modules", "matches", "input_hooks", "HookError", "find_input", "same_tensor"]
+__all__ = ["select_modules", "matches", "input_hooks", "module_hook", "HookError", "find_input", "same_tensor"]
 
 _INPUT_KEYS = ("input", "hidden_states", "x")
 
@@ -149,3 +152,20 @@ def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, nn.Module, tor
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def module_hook(module: nn.Module, fn: Callable, kind: str = "pre"):
+    """Attach ``fn`` to ``module`` for the duration of the block: a forward pre-hook with keyword
+    arguments (``kind="pre"``: ``fn(module, args, kwargs)`` may return ``(args, kwargs)``) or a
+    forward hook (``kind="post"``: ``fn(module, args, output)`` may return a new output)."""
+    if kind == "pre":
+        h = module.register_forward_pre_hook(fn, with_kwargs=True)
+    elif kind == "post":
+        h = module.register_forward_hook(fn)
+    else:
+        raise ValueError(f"kind must be 'pre' or 'post', got {kind!r}")
+    try:
+        yield module
+    finally:
+        h.remove()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import as_sequence_tensor, check_bits
+from .checks import as_sequence_tensor, check_bits
 from .metrics import row_energy
 from .quant import stamp_fake_quant
 

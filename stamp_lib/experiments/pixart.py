@@ -38,7 +38,7 @@ never hooked).
 
 Full size, on a machine with the weights and a GPU::
 
-    python -m stamp_lib.pixart --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS \
+    python -m stamp_lib pixart --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS \
         --prompts data/prompts/pixart_prompts.txt --device cuda --dtype float16
 
 runs Figure 1 (A4: plain, +STaMP, +Hadamard, both) and Table 1 (W4A4, per-block-64: RTN,
@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import sys
@@ -63,8 +62,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import recipe as rcp
-from .recipe import ActQuant, Recipe, Rule, WeightQuant
+from ..core import metrics, stats
+from ..core.io import results_dir, write_json
+from ..methods import FEATURE_OF
+from ..methods import IMAGE_BASELINES as METHODS
+from ..model import hooks
+from ..model import recipe as rcp
+from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
 
 __all__ = ["IMAGE", "TEXT", "TIME", "roles", "pixart_recipe", "protocol_configs", "check_transformer",
            "quantized", "tiny_pipeline", "Prompts", "encode_prompts", "generate", "run_protocol",
@@ -77,8 +81,6 @@ TEXT = tuple(re.compile(p) for p in (_B + r"attn2\.to_(k|v)", r"caption_projecti
 TIME = (re.compile(r"adaln_single\..+"),)
 # copies made by Attention.fuse_projections: never called unless a fused processor is set
 _FUSED_COPIES = re.compile(_B + r"attn[12]\.to_(qkv|kv)")
-METHODS = ("fp", "rtn", "hadamard", "svdquant")
-_FEATURE = {"fp": None, "rtn": None, "hadamard": "hadamard", "svdquant": "smoothquant"}
 
 
 def _role(name: str) -> str | None:
@@ -131,7 +133,7 @@ def pixart_recipe(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
     if w_bits is None and lowrank:
         raise ValueError("the svdquant low-rank branch needs quantized weights (w_bits)")
     w = None if w_bits is None else WeightQuant(bits=w_bits, lowrank=lowrank)
-    feat = _FEATURE[method]
+    feat = FEATURE_OF[method]
     seed = hadamard_seed if feat == "hadamard" else None
     img = ActQuant(bits=f"{hp_tokens}x{hp_bits}+{a_bits}" if hp_tokens else a_bits,
                    transform="dwt" if stamp else "identity", levels=levels if stamp else None,
@@ -204,11 +206,11 @@ def check_transformer(transformer) -> None:
 def quantized(transformer, recipe: Recipe, prepared: rcp.Prepared | None = None, calib=None, *,
               observe=None, check_finite: bool | None = False):
     """Apply ``recipe`` to a PixArt transformer for the duration of the block; yields the
-    :class:`~stamp_lib.recipe.Applied` handle.
+    :class:`~stamp_lib.model.recipe.Applied` handle.
 
     Checks the traps first (:func:`check_transformer`) and adds a forward pre-hook on the
     transformer that sets the token grid of every forward from its latent input (B, C, H, W):
-    ``(H / patch, W / patch)``. ``observe`` is passed to :func:`stamp_lib.recipe.apply`."""
+    ``(H / patch, W / patch)``. ``observe`` is passed to :func:`stamp_lib.model.recipe.apply`."""
     check_transformer(transformer)
     p = int(transformer.config.patch_size)
 
@@ -224,11 +226,10 @@ def quantized(transformer, recipe: Recipe, prepared: rcp.Prepared | None = None,
                 raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
             st.set_grid((H // p, W // p))
 
-        h = transformer.register_forward_pre_hook(set_grid, with_kwargs=True)
         try:
-            yield st
+            with hooks.module_hook(transformer, set_grid):
+                yield st
         finally:
-            h.remove()
             st.set_grid(None)
 
 
@@ -344,14 +345,11 @@ def calibration_inputs(pipe, prompts: Prompts, seeds, height: int, width: int, *
             rec.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in d.items()})
         calls[0] += 1
 
-    h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with hooks.module_hook(pipe.transformer, hook):
         for i in range(len(prompts)):
             for s in seeds:
                 generate(pipe, prompts.take(i), initial_latents(pipe, s, height, width), steps=steps,
                          guidance_scale=guidance_scale, decode=False)
-    finally:
-        h.remove()
     return rec
 
 
@@ -362,7 +360,6 @@ def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0
     and paired differences ``+stamp`` minus baseline. Returns a JSON-ready dict."""
     from tqdm.auto import tqdm
 
-    from .diffusion import sqnr_per_image
 
     tr = pipe.transformer
     check_transformer(tr)
@@ -386,21 +383,20 @@ def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0
             for i, s in jobs:
                 lat, img = generate(pipe, prompts.take(i), initial_latents(pipe, s, height, width), steps=steps,
                                     guidance_scale=guidance_scale)
-                img_sq.append(sqnr_per_image(ref[i, s][1], img))
-                lat_sq.append(sqnr_per_image(ref[i, s][0], lat))
+                img_sq.append(metrics.sqnr_db_per_sample(ref[i, s][1], img))
+                lat_sq.append(metrics.sqnr_db_per_sample(ref[i, s][0], lat))
         v = torch.cat(img_sq)
-        res[name] = {"sqnr_image_db": float(v.mean()), "se_db": float(v.std() / math.sqrt(v.numel())) if v.numel() > 1
-                     else float("nan"), "per_image_db": v.tolist(), "sqnr_latent_db": float(torch.cat(lat_sq).mean()),
+        mean, se = stats.mean_se(v)
+        res[name] = {"sqnr_image_db": mean, "se_db": se, "per_image_db": v.tolist(), "sqnr_latent_db": float(torch.cat(lat_sq).mean()),
                      "act_bits": st.average_bits(), "seconds": round(time.perf_counter() - t0, 2),
                      "recipe": r.knobs()}
     pairs = {}
     for name in res:
         if name.endswith(" +stamp") and name[: -len(" +stamp")] in res:
-            a = torch.tensor(res[name[: -len(" +stamp")]]["per_image_db"])
-            b = torch.tensor(res[name]["per_image_db"])
-            d = b - a
-            pairs[name] = {"delta_db": float(d.mean()), "se_db": float(d.std() / math.sqrt(d.numel()))
-                           if d.numel() > 1 else float("nan"), "wins": int((d > 0).sum()), "n": d.numel()}
+            p = stats.paired_difference(res[name[: -len(" +stamp")]]["per_image_db"], res[name]["per_image_db"],
+                                        better="higher")
+            pairs[name] = {"delta_db": p["mean"], "se_db": p["se"], "ci95_lo": p["ci_lo"], "ci95_hi": p["ci_hi"],
+                           "wins": p["wins"], "n": p["n"]}
     return {"configs": res, "paired": pairs, "fp_seconds": round(fp_seconds, 2), "n_images": len(jobs),
             "seeds": list(seeds), "height": height, "width": width, "steps": steps, "guidance_scale": guidance_scale,
             "scheduler": type(pipe.scheduler).__name__,
@@ -492,7 +488,7 @@ def read_prompts(path) -> list[str]:
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m stamp_lib.pixart", description=(
+    p = argparse.ArgumentParser(prog="python -m stamp_lib pixart", description=(
         "Figure 1 and Table 1 of STaMP on PixArt-Sigma: SQNR of quantized images against full precision "
         "(same prompts and latents), without and with STaMP, paired. Needs the checkpoint locally."))
     p.add_argument("--model", default="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", help="HF id (local cache) or folder")
@@ -516,8 +512,6 @@ def _parser():
 
 def main(argv=None) -> dict:
     a = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from . import study
-
     texts = read_prompts(a.prompts)
     if a.calib_prompts >= len(texts):
         raise SystemExit(f"--calib-prompts {a.calib_prompts} leaves no evaluation prompt of {len(texts)}")
@@ -536,8 +530,8 @@ def main(argv=None) -> dict:
         pr = out["paired"].get(k)
         extra = f"   paired {pr['delta_db']:+.2f} +- {pr['se_db']:.2f} ({pr['wins']}/{pr['n']})" if pr else ""
         print(f"{k:24s} SQNR {r['sqnr_image_db']:6.2f} dB +- {r['se_db']:.2f}  bits {r['act_bits']:.4f}{extra}")
-    path = Path(a.out) if a.out else study.results_dir() / "pixart" / f"{Path(a.model).name}.json"
-    study.write_json(path, out)
+    path = Path(a.out) if a.out else results_dir() / "pixart" / f"{Path(a.model).name}.json"
+    write_json(path, out)
     return out
 
 

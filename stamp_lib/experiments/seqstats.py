@@ -6,13 +6,9 @@ KLT, the eigenbasis of S. This module measures that on captured activations.
 
 Contract
 --------
-* :func:`token0_fraction`, :func:`toeplitz_fraction`: summaries of an s x s autocorrelation S.
-  ``toeplitz_fraction(S)`` is :math:`\|P(S)\|_F^2/\|S\|_F^2`, where P averages S along its
-  diagonals (1-D) or along every 2-D offset of a token grid (``grid=(h, w)``, row-major tokens):
-  P is the orthogonal projection onto (block-)Toeplitz matrices, so the fraction is 1 exactly
-  for a (block-)Toeplitz S and measures how much of S such a matrix explains otherwise.
-* :class:`TokenApart`: an orthogonal transform ``diag(1, L')`` that keeps token 0 (the attention
-  sink of LLMs) out of a transform ``L'`` of the other ``s - 1`` tokens.
+* Summaries of S (Toeplitz fraction, token-0 share) come from :mod:`stamp_lib.core.autocorr`;
+  :class:`stamp_lib.core.transforms.TokenApart` keeps token 0 (the attention sink of LLMs) out of
+  a transform of the other ``s - 1`` tokens.
 * :func:`measure` (X, transforms, bits): for every transform, the row energies
   :math:`\sum \|l_i X\|^2`, and for every bit vector the measured STaMP error
   :math:`\|L^{-1}Q(LX) - X\|^2` and the Theorem 1 bound, all summed over the batch. One forward
@@ -21,7 +17,7 @@ Contract
   ``bounds.theorem1``), the error is ``bounds.stamp_error`` without its second forward (the
   difference in the input dtype, the sum in float64); the tests check both equalities.
 * :func:`llm_sequence_stats` and :func:`galaxy_sequence_stats` capture the inputs of the
-  linear layers (``stamp_lib.capture``; q/k/v and gate/up share their input and are captured once),
+  linear layers (``stamp_lib.model.capture``; q/k/v and gate/up share their input and are captured once),
   fit the KLT on calibration data (accumulated as :math:`\sum X X^\top`, never stored) and evaluate
   every transform on held-out data. They return one :class:`ModuleResult` per captured input.
 
@@ -31,24 +27,20 @@ use and kept in float32), per token, asymmetric min-max, no clipping: the quanti
 
 from __future__ import annotations
 
-import contextlib
-import math
+import io
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import bounds, capture, metrics, quant, transforms
-from ._checks import as_sequence_tensor
+from ..core import autocorr, bounds, metrics, quant, transforms
+from ..core.autocorr import toeplitz_fraction, token0_fraction
+from ..core.checks import as_sequence_tensor
+from ..core.transforms import TokenApart
+from ..model import capture, hooks
 
 __all__ = [
-    "token0_fraction",
-    "toeplitz_projection",
-    "toeplitz_fraction",
-    "center_tokens",
-    "correlation",
-    "TokenApart",
     "Measured",
     "measure",
     "ModuleResult",
@@ -60,128 +52,6 @@ __all__ = [
     "galaxy_noised",
     "galaxy_samples",
 ]
-
-
-# ----------------------------------------------------------------------------- statistics of S
-def _check_square(S: torch.Tensor) -> torch.Tensor:
-    S = torch.as_tensor(S)
-    if S.dim() != 2 or S.shape[0] != S.shape[1] or S.shape[0] < 1:
-        raise ValueError(f"expected a square (s, s) autocorrelation, got shape {tuple(S.shape)}")
-    if not bool(torch.isfinite(S).all()):
-        raise ValueError("the autocorrelation contains NaN/Inf")
-    return S.double()
-
-
-def token0_fraction(S: torch.Tensor) -> float:
-    """Share of the expected energy held by token 0: ``S[0, 0] / trace(S)`` (1/s if all equal)."""
-    S = _check_square(S)
-    tr = float(torch.diagonal(S).sum())
-    if tr <= 0:
-        raise ValueError("the autocorrelation has zero trace")
-    return float(S[0, 0]) / tr
-
-
-def toeplitz_projection(S: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """Nearest (Frobenius) Toeplitz matrix: every entry replaced by the mean of its diagonal.
-
-    With ``grid=(h, w)`` (tokens row-major on an h x w grid, s = h w) the mean is taken over all
-    pairs of tokens with the same 2-D offset (di, dj): the nearest block-Toeplitz matrix with
-    Toeplitz blocks, the structure of a stationary 2-D field."""
-    S = _check_square(S)
-    s = S.shape[0]
-    if grid is None:
-        i = torch.arange(s)
-        key = i[:, None] - i[None, :] + (s - 1)  # offset t - u in [0, 2s - 2]
-        n_keys = 2 * s - 1
-    else:
-        h, w = grid
-        if h * w != s:
-            raise ValueError(f"grid {h}x{w} has {h * w} tokens but S is {s} x {s}")
-        r, c = torch.arange(s) // w, torch.arange(s) % w
-        di = r[:, None] - r[None, :] + (h - 1)
-        dj = c[:, None] - c[None, :] + (w - 1)
-        key = di * (2 * w - 1) + dj
-        n_keys = (2 * h - 1) * (2 * w - 1)
-    key = key.reshape(-1)
-    sums = torch.zeros(n_keys, dtype=torch.float64).index_add_(0, key, S.reshape(-1))
-    counts = torch.zeros(n_keys, dtype=torch.float64).index_add_(0, key, torch.ones(s * s, dtype=torch.float64))
-    return (sums / counts.clamp_min(1))[key].reshape(s, s)
-
-
-def center_tokens(S: torch.Tensor) -> torch.Tensor:
-    r"""``C S C`` with :math:`C = I - \mathbf 1 \mathbf 1^\top / s`: S with the direction of the mean
-    token removed (the autocorrelation of X minus, per window and feature, its mean over tokens).
-
-    Real activations share a large token-independent component; it adds a constant to every entry
-    of S, which is trivially Toeplitz and is captured by the first (constant) row of the DCT, the
-    WHT and the 2-D Haar LL band. Centring shows the structure that is left."""
-    S = _check_square(S)
-    m_row = S.mean(dim=1, keepdim=True)
-    return S - m_row - m_row.T + S.mean()
-
-
-def toeplitz_fraction(S: torch.Tensor, grid: tuple[int, int] | None = None, skip: int = 0,
-                      center: bool = False) -> float:
-    r"""Fraction of :math:`\|S\|_F^2` explained by the nearest (block-)Toeplitz matrix, in [0, 1].
-
-    ``skip`` drops the first ``skip`` tokens (rows and columns) first, e.g. ``skip=1`` to look at
-    S without the attention-sink token (1-D only); ``center`` then removes the mean-token
-    direction (:func:`center_tokens`)."""
-    S = _check_square(S)
-    if skip:
-        if grid is not None:
-            raise ValueError("skip is only defined for 1-D sequences (grid=None)")
-        S = S[skip:, skip:]
-    if center:
-        S = center_tokens(S)
-    P = toeplitz_projection(S, grid)
-    tot = float(S.pow(2).sum())
-    if tot == 0:
-        raise ValueError("toeplitz_fraction of an all-zero matrix is undefined")
-    return float(P.pow(2).sum()) / tot
-
-
-def correlation(S: torch.Tensor) -> torch.Tensor:
-    """Correlation coefficients ``S_tu / sqrt(S_tt S_uu)`` (zero rows left at zero)."""
-    S = _check_square(S)
-    dg = torch.diagonal(S).clamp_min(0).sqrt()
-    den = dg[:, None] * dg[None, :]
-    return torch.where(den > 0, S / den.clamp_min(1e-300), torch.zeros_like(S))
-
-
-# ----------------------------------------------------------------------------- token 0 apart
-class TokenApart(transforms.SequenceTransform):
-    """``diag(1, L')``: token 0 passes unchanged (first row), ``inner`` transforms tokens 1..s-1.
-
-    Orthogonal when ``inner`` is. Meant for LLMs whose first token carries a massive activation
-    (the attention sink): a sequence transform would otherwise smear that one token over many
-    rows. ``inner`` must accept length s - 1 (DCT and DWT do; the WHT needs a power of two)."""
-
-    def __init__(self, inner: transforms.SequenceTransform):
-        super().__init__(check_finite=inner.check_finite)
-        self.inner = inner
-        self.name = f"{inner.name} (token 0 apart)"
-        self.orthogonal = inner.orthogonal
-
-    def __repr__(self):
-        return f"TokenApart({self.inner!r})"
-
-    def _check_length(self, s):
-        if s < 2:
-            raise ValueError(f"TokenApart needs at least 2 tokens, got s={s}")
-        self.inner._check_length(s - 1)
-
-    def _forward(self, X):
-        return torch.cat([X[..., :1, :], self.inner.forward(X[..., 1:, :])], dim=-2)
-
-    def _inverse(self, Y):
-        return torch.cat([Y[..., :1, :], self.inner.inverse(Y[..., 1:, :])], dim=-2)
-
-    def _matrix(self, s):
-        M = torch.zeros(s, s, dtype=torch.float64)
-        M[0, 0] = 1.0
-        M[1:, 1:] = self.inner.matrix(s - 1, dtype=torch.float64)
-        return M
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -207,17 +77,11 @@ class Measured:
 
     def sqnr(self, label: str) -> float:
         """Measured SQNR (dB) of the whole batch: 10 log10(||X||^2 / error)."""
-        return _db(self.signal, self.err[label])
+        return metrics.db(self.signal, self.err[label])
 
     def bound_sqnr(self, label: str) -> float:
         """SQNR (dB) that Theorem 1 guarantees: 10 log10(||X||^2 / bound) (a lower bound)."""
-        return _db(self.signal, self.bound[label])
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise == 0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise)
+        return metrics.db(self.signal, self.bound[label])
 
 
 def _bits_dict(bits, s: int) -> dict[str, torch.Tensor]:
@@ -316,7 +180,7 @@ class ModuleResult:
         return self.results[transform].profile()
 
 
-_autocorr = capture.sum_xxt  # sum of X X^T over samples and features, and the column count
+_autocorr = autocorr.sum_xxt  # sum of X X^T over samples and features, and the column count
 
 
 def _klt_insample_energy(S_sum: torch.Tensor) -> torch.Tensor:
@@ -380,16 +244,11 @@ class _Stop(Exception):
     """Raised by a forward hook to end a forward pass early (after the last captured layer)."""
 
 
-@contextlib.contextmanager
 def _stop_after(module: torch.nn.Module):
     def hook(*_):
         raise _Stop
 
-    h = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        h.remove()
+    return hooks.module_hook(module, hook, "post")
 
 
 def _run_until_stop(model, batch):
@@ -420,7 +279,7 @@ def llm_sequence_stats(model, calib_windows: torch.Tensor, eval_windows: torch.T
 
     for w, what in ((calib_windows, "calib_windows"), (eval_windows, "eval_windows")):
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != torch.long:
-            raise ValueError(f"{what} must be a LongTensor (n, seq_len) of token ids (see stamp_lib.text.token_windows)")
+            raise ValueError(f"{what} must be a LongTensor (n, seq_len) of token ids (see stamp_lib.zoo.text.token_windows)")
     s = eval_windows.shape[1]
     if calib_windows.shape[1] != s:
         raise ValueError(f"calibration windows have {calib_windows.shape[1]} tokens, evaluation windows {s}")
@@ -430,7 +289,7 @@ def llm_sequence_stats(model, calib_windows: torch.Tensor, eval_windows: torch.T
     if bits is None:
         bits = ("4", f"{hp_tokens}x8+4")
     if levels is None:
-        levels = int(round(math.log2(s / hp_tokens)))
+        levels = transforms.haar_levels(s, hp_tokens)
     base = {"identity": transforms.build("identity"), "dct": transforms.build("dct")}
     if s & (s - 1) == 0:
         base["wht"] = transforms.build("wht")
@@ -442,9 +301,9 @@ def llm_sequence_stats(model, calib_windows: torch.Tensor, eval_windows: torch.T
     chunks = [layers[i:i + chunk_layers] for i in range(0, len(layers), chunk_layers)]
     for chunk in tqdm(chunks, desc="layer chunks", disable=not progress or len(chunks) == 1):
         pats = [f"*layers.{i}.*" for i in chunk]
-        mods = capture.select_modules(model, pats)
+        mods = hooks.select_modules(model, pats)
         last = mods[list(mods)[-1]]
-        acal = capture.AutoCorrelation()
+        acal = autocorr.AutoCorrelation()
         with _stop_after(last):
             capture.capture_inputs(model, calib_windows, pats, keep=False, reduce=acal, forward=_run_until_stop,
                                    progress=progress)
@@ -474,7 +333,7 @@ def galaxy_layer_type(name: str) -> str:
 def galaxy_noised(y0: torch.Tensor, t: float, seed: int) -> torch.Tensor:
     """The network's input at time t for clean samples y0 (model space): the VP-SDE marginal
     :math:`y_t = e^{-t/2} y_0 + \\sigma_t \\epsilon`, with :math:`\\epsilon` from ``seed``."""
-    from . import galaxy
+    from ..zoo import galaxy
 
     noise = galaxy.initial_noise(y0.shape[0], seed, tuple(y0.shape[1:]), y0.dtype)
     return galaxy.VPSDE().perturb(y0, t, noise)
@@ -500,13 +359,13 @@ def galaxy_sequence_stats(model, calib_y0: torch.Tensor, eval_y0: torch.Tensor, 
     k_min = min(hp_tokens)
     if s_tok % k_min or (s_tok // k_min) & (s_tok // k_min - 1):
         raise ValueError(f"min(hp_tokens)={k_min} must divide the {s_tok} tokens by a power of two")
-    lv1 = int(round(math.log2(s_tok // k_min)))
+    lv1 = transforms.haar_levels(s_tok, k_min)
     if lv1 % 2:
         raise ValueError(f"the 2-D Haar LL band cannot hold exactly {k_min} tokens of a {grid} grid")
     fwd = lambda m, y: m(y, t)  # noqa: E731
     ycal = galaxy_noised(calib_y0, t, noise_seed)
     yev = galaxy_noised(eval_y0, t, noise_seed + 1)
-    acal = capture.AutoCorrelation()
+    acal = autocorr.AutoCorrelation()
     capture.capture_inputs(model, [ycal], "*", keep=False, reduce=acal, forward=fwd, progress=False)
     cap = capture.capture_inputs(model, [yev], "*", keep=True, forward=fwd, progress=False)
     out = {}
@@ -520,7 +379,7 @@ def galaxy_sequence_stats(model, calib_y0: torch.Tensor, eval_y0: torch.Tensor, 
                     "dwt2d": transforms.build("dwt", levels=lv1 // 2, grid=grid)}
             lv, b, g = {"dwt": lv1, "dwt2d": lv1 // 2}, bits, grid
         else:
-            lvt = int(round(math.log2(s // token_hp)))
+            lvt = transforms.haar_levels(s, token_hp)
             base = {"identity": transforms.build("identity"), "dct": transforms.build("dct"),
                     "wht": transforms.build("wht"), "dwt": transforms.build("dwt", levels=lvt)}
             lv, b, g = {"dwt": lvt}, token_bits, None
@@ -534,13 +393,14 @@ def galaxy_samples(model, n: int, seed: int, steps: int = 16, name: str = "hsc_S
                    progress: bool = True) -> torch.Tensor:
     """``n`` clean samples (model space, (n, C, H, W)) of the galaxy model from its own
     probability-flow sampler (``galaxy.sample``: Heun, sqrt-spaced grid, ``steps`` steps, initial
-    noise from ``seed``). Deterministic; cached in ``study.cache_dir("galaxy-samples")`` under a
+    noise from ``seed``). Deterministic; cached in ``cache_dir("galaxy-samples")`` under a
     key of (name, n, seed, steps), so a second run does not sample again."""
-    from . import galaxy, study
+    from ..core.io import atomic_write, cache_dir
+    from ..zoo import galaxy
 
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    path = study.cache_dir("galaxy-samples") / f"{name}-n{n}-seed{seed}-heun{steps}.pt"
+    path = cache_dir("galaxy-samples") / f"{name}-n{n}-seed{seed}-heun{steps}.pt"
     if path.is_file():
         try:
             y = torch.load(path)
@@ -549,7 +409,7 @@ def galaxy_samples(model, n: int, seed: int, steps: int = 16, name: str = "hsc_S
         except Exception:  # a partial file: sample again
             pass
     y = galaxy.sample(model, n=n, steps=steps, seed=seed, progress=progress).y
-    tmp = path.with_suffix(".tmp")
-    torch.save(y, tmp)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    torch.save(y, buf)
+    atomic_write(path, buf.getvalue())
     return y

@@ -21,11 +21,12 @@ clamps what falls outside: Theorem 1 does not cover clipping.
 from __future__ import annotations
 
 import heapq
+import re
 from typing import NamedTuple
 
 import torch
 
-from ._checks import MAX_BITS, MIN_BITS, as_sequence_tensor, check_bits
+from .checks import MAX_BITS, MIN_BITS, as_sequence_tensor, check_bits
 
 __all__ = [
     "fake_quant",
@@ -35,6 +36,9 @@ __all__ = [
     "optimal_bits",
     "continuous_optimal_bits",
     "average_bits",
+    "parse_bits",
+    "bits_from_spec",
+    "bits_label",
 ]
 
 
@@ -167,7 +171,7 @@ def stamp_fake_quant(X: torch.Tensor, T, bits, *, feature=None, undo_feature: bo
         bits: per-row bits of the *transformed* rows (int, or a length-s vector; see
             :func:`fake_quant`). With ``validate=False`` it must already be a float tensor
             broadcastable as (s, 1, 1) (the model hooks' sync-free path).
-        feature: optional feature transform R (:mod:`stamp_lib.features`); ``undo_feature=False``
+        feature: optional feature transform R (:mod:`stamp_lib.methods.features`); ``undo_feature=False``
             returns :math:`L^{-1} Q(L X R)` in the rotated basis, for a layer whose weight absorbed
             :math:`R^{-\top}` (QuaRot, SmoothQuant).
         LX: the already computed :math:`L X R`, to skip the forward transform (e.g. when its row
@@ -271,14 +275,37 @@ def optimal_bits(
     return torch.tensor(b, dtype=torch.long)
 
 
-def bits_from_spec(spec: str, s: int) -> torch.Tensor:
-    """Parse a compact spec such as ``"64x8+4"`` (64 rows at 8 bits, the rest at 4) or ``"4"``."""
-    spec = spec.replace(" ", "")
-    if "x" in spec:
-        head, rest = spec.split("x", 1)
-        hp_bits, lp_bits = rest.split("+", 1)
-        return two_level_bits(s, int(head), int(hp_bits), int(lp_bits))
-    return check_bits(int(spec), s)
+_SPEC = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*\+\s*(\d+)\s*$")
+
+
+def check_bits_value(b, what: str) -> int:
+    if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+        raise ValueError(f"{what} must be an int in [{MIN_BITS}, {MAX_BITS}], got {b!r}")
+    return b
+
+
+def parse_bits(bits) -> tuple[int, int, int]:
+    """``(hp_tokens, hp_bits, lp_bits)`` from an int (``4`` -> ``(0, 4, 4)``) or a spec ``"64x8+4"``
+    (the first 64 rows at 8 bits, the others at 4)."""
+    if isinstance(bits, str):
+        m = _SPEC.match(bits)
+        if m is None:
+            if bits.strip().isdigit():
+                b = check_bits_value(int(bits), "bits")
+                return 0, b, b
+            raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}] or a spec like '64x8+4' "
+                             f"(64 rows at 8 bits, the rest at 4); got {bits!r}")
+        hp, hb, lb = (int(g) for g in m.groups())
+        return hp, check_bits_value(hb, "high-precision bits"), check_bits_value(lb, "low-precision bits")
+    b = check_bits_value(bits, "bits")
+    return 0, b, b
+
+
+def bits_from_spec(spec, s: int) -> torch.Tensor:
+    """The bit vector (s,) of a spec (see :func:`parse_bits`): ``"64x8+4"`` -> 64 rows at 8 bits,
+    the rest at 4; ``"4"`` or ``4`` -> every row at 4."""
+    hp, hb, lb = parse_bits(spec)
+    return two_level_bits(s, hp, hb, lb)
 
 
 def bits_label(bits) -> str:

@@ -196,41 +196,6 @@ class ActivationStore:
         return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
 
 
-# ----------------------------------------------------------------------------- reducers
-def sum_xxt(X: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum over samples and features of X X^T (s, s), and the number of columns summed.
-
-    One matmul per sample in the input's dtype (float32 activations: about 3x faster than a float64
-    product on CPU, relative error ~1e-6 per entry), accumulated in float64."""
-    X = X.reshape(-1, *X.shape[-2:])
-    out = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
-    for x in X:
-        out += (x @ x.T).double()
-    return out, X.shape[0] * X.shape[2]
-
-
-class AutoCorrelation:
-    """``reduce`` callback: per module, the s x s sum over batch and features of X X^T (accumulated
-    in float64 from products in the input's dtype, see :func:`sum_xxt`),
-    and the number of (batch, feature) columns summed, so ``mean(name)`` = E[x x^T] over columns
-    (the sequence autocorrelation S of the paper's KLT, up to the 1/d convention)."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def __call__(self, name: str, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"{name}: need (..., s, d) inputs, got {tuple(x.shape)}")
-        s, n = sum_xxt(x.detach())
-        s = s.cpu()
-        self.sums[name] = self.sums[name] + s if name in self.sums else s
-        self.counts[name] = self.counts.get(name, 0) + n
-
-    def mean(self, name: str) -> torch.Tensor:
-        return self.sums[name] / self.counts[name]
-
-
 # ----------------------------------------------------------------------------- driver
 @dataclass
 class Captured:

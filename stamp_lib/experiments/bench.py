@@ -1,6 +1,6 @@
 """Side-by-side benchmarks that print ratios measured in one run (never timed tests).
 
-``python -m stamp_lib.bench`` (or ``make bench``) times, on X of shape (s, d) = (4096, 4096)
+``python -m stamp_lib bench`` (or ``make bench``) times, on X of shape (s, d) = (4096, 4096)
 float32, each fast transform's forward+inverse against
 
 * ``X.clone()``, the memory-bound floor (one read and one write of X);
@@ -17,8 +17,8 @@ dct+idct at equal workers; DWT <= 1x pywt. The machine may be shared: the ratios
 side by side in one run, so they move less than the times; run it a few times and take the
 median.
 
-``python -m stamp_lib.bench capture`` runs the activation-capture benchmark
-(:func:`capture_benchmark`); ``python -m stamp_lib.bench llm`` times a SmolLM2 forward over 2048
+``python -m stamp_lib bench capture`` runs the activation-capture benchmark
+(:func:`capture_benchmark`); ``python -m stamp_lib bench llm`` times a SmolLM2 forward over 2048
 tokens in full precision against W4A4KV4 and W4A4KV4 + STaMP (:func:`llm_benchmark`).
 """
 
@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from . import transforms
+from ..core import transforms
+from ..core.io import cache_dir
 
 
 def _time(fn, repeat: int = 5, warmup: int = 1) -> float:
@@ -204,8 +205,8 @@ def _capture_benchmark(n_windows, seq_len, store_dtype, out_dir, keep_files, rss
     import shutil
     import tempfile
 
-    from . import models, study, text
-    from .capture import capture_bytes, capture_inputs
+    from ..model.capture import capture_bytes, capture_inputs
+    from ..zoo import models, text
 
     t0 = time.perf_counter()
     model, tok = models.load_smollm2()
@@ -225,7 +226,7 @@ def _capture_benchmark(n_windows, seq_len, store_dtype, out_dir, keep_files, rss
             return time.perf_counter() - w0, time.process_time() - c0, mem
 
     f1_s, f1_cpu, f1_mem = plain()
-    tmp = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="capture-bench-", dir=study.cache_dir("bench")))
+    tmp = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="capture-bench-", dir=cache_dir("bench")))
     try:
         with PeakRSS() as cap_mem:
             c0, w0 = time.process_time(), time.perf_counter()
@@ -272,8 +273,8 @@ def llm_benchmark(seq_len: int = 2048, repeats: int = 3) -> dict:
     """Forward time and peak memory over ``seq_len`` tokens of SmolLM2: FP vs W4A4KV4 (RTN) vs
     W4A4KV4 + STaMP-DWT (log2(s/64) levels) vs + STaMP-DCT, measured side by side in one run (interleaved,
     median of ``repeats``). Targets (issue): DWT <= 1.5x FP time, DCT <= 2x, peak memory <= 1.5x."""
-    from . import models, text
-    from . import recipe as rcp
+    from ..model import recipe as rcp
+    from ..zoo import models, text
     from .llm import llm_recipe
 
     model, tok = models.load_smollm2()

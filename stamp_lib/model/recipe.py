@@ -15,10 +15,10 @@ Applying a recipe is two steps:
    preparation serves a recipe with and without STaMP.
 2. :func:`apply`, a context manager: swaps in the prepared weights (the original ``Parameter``
    objects are put back on exit, so tied weights stay tied and the model is restored bit for bit),
-   and hooks every matched layer's input (:mod:`stamp_lib.hooks`) to replace it by
-   :math:`L^{-1} Q_b(L X R)` (:func:`stamp_lib.quant.stamp_fake_quant` with ``undo_feature=False``:
+   and hooks every matched layer's input (:mod:`stamp_lib.model.hooks`) to replace it by
+   :math:`L^{-1} Q_b(L X R)` (:func:`stamp_lib.core.quant.stamp_fake_quant` with ``undo_feature=False``:
    the layer's weight absorbed :math:`R^{-\top}`); with ``recipe.kv`` set, keys (after RoPE) and
-   values are fake-quantized through transformers' attention interface (:mod:`stamp_lib.kv`).
+   values are fake-quantized through transformers' attention interface (:mod:`stamp_lib.model.kv`).
 
 Bits follow absolute positions: row i of a chunk of s tokens that starts at absolute position p
 gets ``hp_bits`` if ``p + i < hp_tokens``, else ``lp_bits``. In a full-sequence forward (p = 0)
@@ -36,48 +36,22 @@ inputs are checked on CPU tensors (free there) and on CUDA only with ``check_fin
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from . import hooks, quant, transforms
-from ._checks import MAX_BITS, MIN_BITS
+from ..core import quant, transforms
+from ..methods import features, gptq, smoothquant
+from . import capture, hooks
 
-__all__ = ["ActQuant", "WeightQuant", "Rule", "Recipe", "Prepared", "prepare", "apply", "parse_bits",
+__all__ = ["ActQuant", "WeightQuant", "Rule", "Recipe", "Prepared", "prepare", "apply",
            "FEATURE_METHODS", "WEIGHT_METHODS", "SEQUENCE_TRANSFORMS"]
 
 SEQUENCE_TRANSFORMS = ("identity", "dct", "wht", "dwt")
 FEATURE_METHODS = (None, "hadamard", "smoothquant")
 WEIGHT_METHODS = ("rtn", "gptq")
-_SPEC = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*\+\s*(\d+)\s*$")
-
-
-def _check_bits_value(b, what: str) -> int:
-    if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
-        raise ValueError(f"{what} must be an int in [{MIN_BITS}, {MAX_BITS}], got {b!r}")
-    return b
-
-
-def parse_bits(bits) -> tuple[int, int, int]:
-    """``(hp_tokens, hp_bits, lp_bits)`` from an int (``4`` -> ``(0, 4, 4)``) or a spec ``"64x8+4"``
-    (the first 64 rows at 8 bits, the others at 4)."""
-    if isinstance(bits, str):
-        m = _SPEC.match(bits)
-        if m is None:
-            if bits.strip().isdigit():
-                b = _check_bits_value(int(bits), "bits")
-                return 0, b, b
-            raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}] or a spec like '64x8+4' "
-                             f"(64 rows at 8 bits, the rest at 4); got {bits!r}")
-        hp, hb, lb = (int(g) for g in m.groups())
-        return hp, _check_bits_value(hb, "high-precision bits"), _check_bits_value(lb, "low-precision bits")
-    b = _check_bits_value(bits, "bits")
-    return 0, b, b
-
-
 def _check_pos_int(v, what, allow_none=True):
     if v is None and allow_none:
         return
@@ -97,7 +71,7 @@ class ActQuant:
         levels: Haar levels (``None``: as many as the length allows); capped for short sequences.
         grid: ``None`` (1-D along the tokens), ``(h, w)`` (2-D Haar over a token grid), or
             ``"auto"`` (the grid set at run time by :meth:`Applied.set_grid`, e.g. from a DiT's latent).
-        symmetric, clip_ratio, block_size: see :func:`stamp_lib.quant.fake_quant` (per token, or
+        symmetric, clip_ratio, block_size: see :func:`stamp_lib.core.quant.fake_quant` (per token, or
             per block of ``block_size`` features).
         block_tokens: transform and quantize consecutive blocks of this many tokens separately;
             each block gets the bit rule on its own rows. Not causal: a token's quantization still
@@ -114,7 +88,7 @@ class ActQuant:
     block_tokens: int | None = None
 
     def __post_init__(self):
-        parse_bits(self.bits)
+        quant.parse_bits(self.bits)
         if self.transform not in SEQUENCE_TRANSFORMS:
             raise ValueError(f"unknown sequence transform {self.transform!r}; choose one of {SEQUENCE_TRANSFORMS}")
         if self.levels is not None:
@@ -141,11 +115,11 @@ class ActQuant:
 
     @property
     def hp_tokens(self) -> int:
-        return parse_bits(self.bits)[0]
+        return quant.parse_bits(self.bits)[0]
 
     def bits_vector(self, s: int, offset: int = 0) -> torch.Tensor:
         """LongTensor (s,): the bits of rows 0..s-1 of a chunk starting at absolute position ``offset``."""
-        hp, hb, lb = parse_bits(self.bits)
+        hp, hb, lb = quant.parse_bits(self.bits)
         b = torch.full((s,), lb, dtype=torch.long)
         n = min(max(hp - offset, 0), s)
         b[:n] = hb
@@ -156,7 +130,7 @@ class ActQuant:
         return quant.average_bits(self.bits_vector(s))
 
     def knobs(self) -> dict:
-        hp, hb, lb = parse_bits(self.bits)
+        hp, hb, lb = quant.parse_bits(self.bits)
         d = asdict(self)
         d.update(hp_tokens=hp, hp_bits=hb, lp_bits=lb,
                  granularity="per-token" if self.block_size is None else f"per-block-{self.block_size}",
@@ -183,7 +157,7 @@ class WeightQuant:
     lowrank: int = 0
 
     def __post_init__(self):
-        _check_bits_value(self.bits, "weight bits")
+        quant.check_bits_value(self.bits, "weight bits")
         if isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int) or self.lowrank < 0:
             raise ValueError(f"lowrank must be a non-negative int, got {self.lowrank!r}")
         if self.method not in WEIGHT_METHODS:
@@ -200,7 +174,7 @@ class WeightQuant:
 
 @dataclass(frozen=True)
 class Rule:
-    """Settings for the linear layers whose qualified names match ``patterns`` (glob, ``re:``).
+    r"""Settings for the linear layers whose qualified names match ``patterns`` (glob, ``re:``).
 
     ``feature``: ``None``, ``"hadamard"`` (an orthogonal Hadamard rotation of the input features,
     folded into the weight before it is quantized) or ``"smoothquant"`` (per-channel scales from
@@ -303,11 +277,9 @@ class _Stats:
     Layers that share one input tensor accumulate once (capture dedup) and read their group's."""
 
     def __init__(self, absmax_names, hessian_names):
-        from .methods import HessianAccumulator
-
         self.absmax_names, self.hessian_names = set(absmax_names), set(hessian_names)
         self.absmax: dict[str, torch.Tensor] = {}
-        self.H = {n: HessianAccumulator() for n in self.hessian_names}
+        self.H = {n: gptq.HessianAccumulator() for n in self.hessian_names}
 
     def __call__(self, name, x):
         if name in self.absmax_names:
@@ -322,12 +294,10 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
             batch_size: int = 1, progress: bool = True) -> Prepared:
     """Run the recipe's methods on calibration data; see the module docstring.
 
-    ``calib``: what :func:`stamp_lib.capture.capture_inputs` accepts (e.g. token windows (n, s));
+    ``calib``: what :func:`stamp_lib.model.capture.capture_inputs` accepts (e.g. token windows (n, s));
     needed only for SmoothQuant or GPTQ (an error says so when it is missing). Modules that share
     one input tensor (q/k/v, gate/up) share SmoothQuant scales, computed with the largest weight
     magnitude over the group (as when the scale is folded into the preceding norm)."""
-    from . import capture, methods
-
     resolved = recipe.resolve(model)
     prep = Prepared(key=recipe.prep_key())
     sq = [n for n, (m, r) in resolved.items() if r.feature == "smoothquant"]
@@ -355,8 +325,8 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
         groups.setdefault(aliases.get(n, n), []).append(n)
     for canon, members in groups.items():
         rule = resolved[members[0]][1]
-        w_absmax = methods.weight_input_absmax(*[resolved[n][0].weight for n in members]).cpu()
-        T = methods.smoothquant_transform(stats.absmax[canon], w_absmax, alpha=rule.alpha)
+        w_absmax = smoothquant.weight_input_absmax(*[resolved[n][0].weight for n in members]).cpu()
+        T = smoothquant.smoothquant_transform(stats.absmax[canon], w_absmax, alpha=rule.alpha)
         for n in members:
             prep.features[n] = T
     rotations: dict[tuple, object] = {}
@@ -364,7 +334,7 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
         if r.feature == "hadamard":
             key = (m.in_features, r.hadamard_seed)
             if key not in rotations:
-                rotations[key] = methods.hadamard_rotation(*key)
+                rotations[key] = features.hadamard_rotation(*key)
             prep.features[n] = rotations[key]
     from tqdm.auto import tqdm
 
@@ -391,7 +361,7 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
             H = stats.H[n].H
             if F is not None:  # the Hessian of the transformed inputs x R: R^T H R
                 H = F.forward(F.forward(H.to(Wf.device)).T).T
-            out = methods.gptq_quantize(Wf, H.to(Wf.device), wq.bits, group_size=wq.group_size,
+            out = gptq.gptq_quantize(Wf, H.to(Wf.device), wq.bits, group_size=wq.group_size,
                                         symmetric=wq.symmetric, clip_ratio=wq.clip_ratio, damp=wq.damp,
                                         act_order=wq.act_order)
         prep.weights[n] = out.to(dtype=W.dtype, device=W.device)
@@ -588,11 +558,11 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
                 m = resolved[n][0]
                 saved[n] = m._parameters["weight"]
                 m._parameters["weight"] = nn.Parameter(Wq, requires_grad=False)
-        stack.enter_context(_model_pre_hook(model, on_model))
+        stack.enter_context(hooks.module_hook(model, on_model))
         stack.enter_context(hooks.input_hooks(hooked, on_input))
         names_of = {id(resolved[n][0]): n for n in prepared.lowrank}
         for n in prepared.lowrank:
-            stack.callback(resolved[n][0].register_forward_hook(add_lowrank).remove)
+            stack.enter_context(hooks.module_hook(resolved[n][0], add_lowrank, "post"))
         if recipe.kv is not None:
             from . import kv
 
@@ -608,12 +578,3 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
         state._last = None
         for n, p in saved.items():
             resolved[n][0]._parameters["weight"] = p
-
-
-@contextlib.contextmanager
-def _model_pre_hook(model, fn):
-    h = model.register_forward_pre_hook(fn, with_kwargs=True)
-    try:
-        yield
-    finally:
-        h.remove()

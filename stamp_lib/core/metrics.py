@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["sqnr_db", "squared_error", "row_energy", "energy_profile", "energy_fraction"]
+__all__ = ["db", "sqnr_db", "sqnr_db_per_sample", "psnr_db_per_sample", "squared_error", "row_energy", "energy_profile", "energy_fraction"]
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -18,6 +18,15 @@ def squared_error(reference: torch.Tensor, test: torch.Tensor) -> float:
     """||reference - test||^2 (float64 accumulation)."""
     _same_shape(reference, test)
     return float((reference.double() - test.double()).pow(2).sum())
+
+
+def db(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)``: ``inf`` for zero noise, ``-inf`` for zero signal."""
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -35,6 +44,26 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     if sig == 0.0:
         return -math.inf
     return 10.0 * math.log10(sig / noise)
+
+
+def sqnr_db_per_sample(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """:func:`sqnr_db` of every sample (dim 0, e.g. one image each) of ``test`` against
+    ``reference``: a float64 tensor (n,), ``inf`` where a sample is reproduced exactly."""
+    if reference.shape != test.shape or reference.dim() < 2:
+        raise ValueError(f"need two batches of the same shape, got {tuple(reference.shape)} and {tuple(test.shape)}")
+    r, t = reference.double().flatten(1), test.double().flatten(1)
+    if not (bool(torch.isfinite(r).all()) and bool(torch.isfinite(t).all())):
+        raise ValueError("sqnr_db_per_sample got NaN/Inf")
+    return 10 * torch.log10(r.pow(2).sum(1) / (r - t).pow(2).sum(1))
+
+
+def psnr_db_per_sample(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) per sample (dim 0) with the reference sample's range (max - min) as the peak."""
+    if reference.shape != test.shape or reference.dim() < 2:
+        raise ValueError(f"need two batches of the same shape, got {tuple(reference.shape)} and {tuple(test.shape)}")
+    r, t = reference.double().flatten(1), test.double().flatten(1)
+    peak = r.amax(1) - r.amin(1)
+    return 10 * torch.log10(peak.pow(2) / (r - t).pow(2).mean(1))
 
 
 def row_energy(Y: torch.Tensor) -> torch.Tensor:

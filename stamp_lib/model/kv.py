@@ -61,6 +61,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .hooks import module_hook
+
 __all__ = ["kv_quantization", "SUPPORTED_IMPLEMENTATIONS"]
 
 #: Attention implementations the wrapper knows how to delegate to (plus the names registered by an
@@ -215,7 +217,7 @@ def kv_quantization(model: nn.Module, quantize: Callable[[int, str, torch.Tensor
     ctx = _Context(quantize)
     context_id = next(_counter)
     names = {impl: f"{_NAME_PREFIX}{context_id}_{i}" for i, impl in enumerate(sorted(set(originals.values())))}
-    hooks = []
+    stack = contextlib.ExitStack()
     try:
         for impl, name in names.items():
             # Register the mask first: the model builds masks by looking its implementation up there.
@@ -223,15 +225,14 @@ def kv_quantization(model: nn.Module, quantize: Callable[[int, str, torch.Tensor
             AttentionInterface.register(name, ctx.wrapper(impl))
             _LIVE[name] = impl
         for m in layered:
-            hooks.append(m.register_forward_pre_hook(ctx.pre_hook, with_kwargs=True))
+            stack.enter_context(module_hook(m, ctx.pre_hook))
         for key, cfg in configs.items():
             cfg._attn_implementation_internal = names[originals[key]]
         yield
     finally:
         for key, cfg in configs.items():
             cfg._attn_implementation_internal = originals[key]
-        for h in hooks:
-            h.remove()
+        stack.close()
         for name in names.values():
             AttentionInterface._global_mapping.pop(name, None)
             AttentionMaskInterface._global_mapping.pop(name, None)

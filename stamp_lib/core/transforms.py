@@ -44,7 +44,9 @@ from functools import lru_cache
 
 import torch
 
-from ._checks import as_sequence_tensor
+from .autocorr import sum_xxt
+from .checks import as_sequence_tensor
+from .hadamard import is_pow2, pow2_radices, sylvester
 
 __all__ = [
     "SequenceTransform",
@@ -53,9 +55,12 @@ __all__ = [
     "WHT",
     "HaarDWT",
     "HaarDWT2D",
+    "TokenApart",
     "KLT",
     "Dense",
     "canonical_signs",
+    "haar_levels",
+    "max_levels_1d",
     "build",
     "NAMES",
 ]
@@ -266,7 +271,7 @@ class DCT(SequenceTransform):
       ``idct(type=2, norm="ortho", axis=-2, workers=torch.get_num_threads())``. It works along
       the strided axis in cache-sized column batches, which a chain of whole-tensor torch ops
       cannot: at (4096, 4096) float32 it runs about 2.5x faster than our Makhoul DCT on the
-      same FFT engine (see ``python -m stamp_lib.bench``).
+      same FFT engine (see ``python -m stamp_lib bench``).
     * CUDA, or ``set_fft_backend("torch")``: Makhoul (1980). Reorder x into
       :math:`v = [x_0, x_2, \dots, x_5, x_3, x_1]`, take one real FFT of length s and rotate it:
       :math:`z_k = e^{-i\pi k/2s} V_k`, :math:`y_k = \sqrt{2/s}\,\mathrm{Re}\,z_k` and
@@ -335,10 +340,6 @@ class DCT(SequenceTransform):
 # ---------------------------------------------------------------------------------------------
 # Walsh-Hadamard in sequency order
 # ---------------------------------------------------------------------------------------------
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
-
-
 @lru_cache(maxsize=64)
 def _sequency_perm(s: int) -> torch.Tensor:
     """Natural-order (Sylvester) row index of the sequency-ordered row k: bitrev(gray(k))."""
@@ -351,40 +352,20 @@ def _sequency_perm(s: int) -> torch.Tensor:
     return rev
 
 
-@lru_cache(maxsize=16)
-def _sylvester(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    H = torch.ones(1, 1, dtype=torch.float64)
-    while H.shape[0] < n:
-        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
-    return H.to(dtype=dtype, device=device)
-
-
-def pow2_radices(n: int) -> list[int]:
-    """Radices (each <= 16) whose product is the power of two ``n``: how the Walsh-Hadamard
-    butterflies are grouped into small dense Sylvester factors (also used by methods.py)."""
-    m = n.bit_length() - 1
-    radices = []
-    while m > 0:
-        r = min(4, m)
-        radices.append(1 << r)
-        m -= r
-    return radices
-
-
 def _fwht_natural(X: torch.Tensor, scale: float = 1.0, fresh: bool = False) -> torch.Tensor:
     """``scale`` times the Walsh-Hadamard transform (Sylvester order) along dim -2, radix-16.
 
     ``s = 2^m`` is factored as a product of radices r_j <= 16; each stage contracts one axis of
     the (..., r_1, ..., r_J, d) view with the small Sylvester matrix H_r (a batched matmul)."""
     s, d = X.shape[-2], X.shape[-1]
-    radices = pow2_radices(s)
+    radices = pow2_radices(s, cap=16)
     lead = X.shape[:-2]
     batch = math.prod(lead)
     Y = X
     pre = 1
     for j, r in enumerate(radices):
         post = s // (pre * r)
-        H = _sylvester(r, X.dtype, str(X.device))
+        H = sylvester(r, X.dtype, str(X.device))
         if pre == 1:
             H = H * scale  # fold the normalisation into the first stage
         # view as (batch*pre, r, post*d) and contract the r axis with H_r (batched matmul)
@@ -410,7 +391,7 @@ class WHT(SequenceTransform):
     name = "wht"
 
     def _check_length(self, s):
-        if not _is_pow2(s):
+        if not is_pow2(s):
             raise ValueError(
                 f"the Walsh-Hadamard transform needs a power-of-two sequence length, got s={s}; "
                 f"use 'dct' or 'dwt' (any s), or pad the sequence to {1 << (s - 1).bit_length()}"
@@ -447,6 +428,18 @@ class WHT(SequenceTransform):
 def max_levels_1d(s: int) -> int:
     """Number of Haar levels until the approximation band has one row: ceil(log2 s)."""
     return max(0, math.ceil(math.log2(s))) if s > 1 else 0
+
+
+def haar_levels(s: int, hp_tokens: int) -> int:
+    """Haar levels whose approximation band keeps about ``hp_tokens`` of ``s`` rows: the rule every
+    STaMP recipe uses, ``round(log2(s / hp_tokens))`` (5 for 2048 / 64), at least 1 and at most
+    :func:`max_levels_1d` (s). On a 2-D grid each level quarters the band: pass ``s`` = the side's
+    share, e.g. ``haar_levels(h * w, hp) // 2`` levels keep ``hp`` tokens of an h x w grid."""
+    if not isinstance(s, int) or s < 2:
+        raise ValueError(f"the sequence length s must be an int >= 2, got {s!r}")
+    if not isinstance(hp_tokens, int) or not 1 <= hp_tokens <= s:
+        raise ValueError(f"hp_tokens must be an int in [1, s={s}], got {hp_tokens!r}")
+    return min(max(1, int(round(math.log2(s / hp_tokens)))), max_levels_1d(s))
 
 
 def _haar_lengths(s: int, levels: int) -> list[int]:
@@ -711,6 +704,43 @@ def _haar_step_matrix(n: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Token 0 apart
+# ---------------------------------------------------------------------------------------------
+class TokenApart(SequenceTransform):
+    """``diag(1, L')``: token 0 passes unchanged (first row), ``inner`` transforms tokens 1..s-1.
+
+    Orthogonal when ``inner`` is. Meant for LLMs whose first token carries a massive activation
+    (the attention sink): a sequence transform would otherwise smear that one token over many
+    rows. ``inner`` must accept length s - 1 (DCT and DWT do; the WHT needs a power of two)."""
+
+    def __init__(self, inner: SequenceTransform):
+        super().__init__(check_finite=inner.check_finite)
+        self.inner = inner
+        self.name = f"{inner.name} (token 0 apart)"
+        self.orthogonal = inner.orthogonal
+
+    def __repr__(self):
+        return f"TokenApart({self.inner!r})"
+
+    def _check_length(self, s):
+        if s < 2:
+            raise ValueError(f"TokenApart needs at least 2 tokens, got s={s}")
+        self.inner._check_length(s - 1)
+
+    def _forward(self, X):
+        return torch.cat([X[..., :1, :], self.inner.forward(X[..., 1:, :])], dim=-2)
+
+    def _inverse(self, Y):
+        return torch.cat([Y[..., :1, :], self.inner.inverse(Y[..., 1:, :])], dim=-2)
+
+    def _matrix(self, s):
+        M = torch.zeros(s, s, dtype=torch.float64)
+        M[0, 0] = 1.0
+        M[1:, 1:] = self.inner.matrix(s - 1, dtype=torch.float64)
+        return M
+
+
+# ---------------------------------------------------------------------------------------------
 # KLT and arbitrary dense transforms
 # ---------------------------------------------------------------------------------------------
 class Dense(SequenceTransform):
@@ -799,8 +829,8 @@ class KLT(Dense):
     def fit(cls, samples: torch.Tensor, check_finite: bool = True) -> "KLT":
         """Fit from samples of shape (n, s, d) (or (s, d)); computed in float64."""
         X = _as_input(samples, "samples", check_finite)
-        X = X.reshape(-1, X.shape[-2], X.shape[-1]).to(torch.float64)
-        S = torch.einsum("nsd,ntd->st", X, X) / (X.shape[0] * X.shape[-1])
+        S_sum, n = sum_xxt(X.to(torch.float64))
+        S = S_sum / n
         return cls.from_autocorrelation(S, check_finite=check_finite)
 
     @classmethod

@@ -59,169 +59,26 @@ from typing import Any
 
 import numpy as np
 
+from ..core.io import REPO_ROOT, atomic_write, jsonable, results_dir
+from .claims import CLAIMS, claim, format_conditions, numbers_text, verdict_status
+
 SIZES = ("small", "full")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FULL_DIR = REPO_ROOT / "data" / "results" / "full"
 # modules that only draw, lay out or book-keep (the claims registry lives here, and chapters
 # add claims to it): they do not compute numbers, so they are not part of the code hash of a
 # record and editing them leaves records fresh. (study.seed_everything is the exception; a
 # change to it must be followed by make record-full.)
-PRESENTATION_MODULES = ("stamp_lib.plotting", "stamp_lib.study")
-PRESENTATION_FILES = tuple(m.replace(".", "/") + ".py" for m in PRESENTATION_MODULES)
-TEXT_COLS = 76  # = stamp_lib.plotting.TEXT_COLS (printed lines that fit the book's column)
+PRESENTATION_PREFIX = "stamp_lib/book/"
+# the same modules before the package layout (records made then list them; they never count)
+LEGACY_PRESENTATION_FILES = ("stamp_lib/plotting.py", "stamp_lib/study.py")
+
+
+def is_presentation(path: str) -> bool:
+    """Whether a file of a record's code hash only draws or book-keeps (never makes it stale)."""
+    return path.startswith(PRESENTATION_PREFIX) or path in LEGACY_PRESENTATION_FILES
+TEXT_COLS = 76  # = stamp_lib.book.plotting.TEXT_COLS (printed lines that fit the book's column)
 VERSIONED_PACKAGES = ("torch", "numpy", "scipy", "transformers", "gguf", "PyWavelets", "matplotlib",
                       "jupytext", "nbclient")
-
-
-# ---- the claims registry ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Claim:
-    """One claim of the paper (or open question) that the book tests.
-
-    ``title``: a few words, used in tables. ``claim``: the claim in one or two sentences (MyST
-    Markdown; maths in ``$...$``). ``where``: the paper's figure, table or section. ``paper``:
-    the paper's number(s) for it, or what the paper says when it gives none (from
-    ``shared/paper-notes.md``; never a number the paper does not state). ``chapters``: the
-    notebooks expected to test it.
-    """
-
-    title: str
-    claim: str
-    where: str
-    paper: str
-    chapters: tuple[str, ...] = ()
-
-
-CLAIMS: dict[str, Claim] = {
-    "theorem1_holds": Claim(
-        "Theorem 1 bounds the error",
-        r"For an orthogonal $L$ and per-token min-max quantization without clipping, "
-        r"$\lVert L^{-1}Q(LX)-X\rVert^2 \le \frac d2 \sum_i \lVert l_iX\rVert^2/(2^{b_i}-1)^2$.",
-        "Theorem 1",
-        "a proved bound; the paper reports no measured tightness",
-        ("01_theorem1",),
-    ),
-    "white_noise_no_gain": Claim(
-        "No local correlation, no gain",
-        "A sequence transform helps only where activations are correlated along the sequence; "
-        "on inputs without local structure it gains nothing.",
-        "Sec. 3",
-        "argued (STaMP is not applied to inputs without local structure); no number",
-        ("01_theorem1",),
-    ),
-    "optimal_vs_two_level": Claim(
-        "Log-energy bits vs two levels",
-        r"The allocation that minimises the bound gives row $i$ a width of $\log_2\sqrt{e_i} - C$ bits; the "
-        "experiments use two levels instead (64 rows at 8 bits, the rest at 4).",
-        "Sec. 2, corollary of Theorem 1",
-        "derived, not measured; the two-level rule spends 4.125 bits on average at $s = 2048$",
-        ("01_theorem1",),
-    ),
-    "dct_wht_dwt_close": Claim(
-        "DCT, WHT and DWT alike, far above identity",
-        "DCT, WHT and Haar DWT perform about the same, far better than no sequence transform.",
-        "Fig. 7",
-        "qualitative (no numbers recovered)",
-        ("02_real_activations",),
-    ),
-    "dct_approximates_klt": Claim(
-        "The DCT approximates the KLT",
-        "Sequence autocorrelations are close to Toeplitz, so the DCT approximates the KLT, the "
-        "transform that concentrates energy best.",
-        "Sec. 3",
-        "argued from the Toeplitz structure; not measured",
-        ("02_real_activations",),
-    ),
-    "klt_gap": Claim(
-        "Gap to a calibrated KLT",
-        "How far the best practical transform (DCT, WHT or DWT) is from a KLT calibrated on "
-        "other data, on real activations.",
-        "open question",
-        "not measured",
-        ("02_real_activations",),
-    ),
-    "few_hp_tokens": Claim(
-        "A few 8-bit tokens suffice",
-        "SQNR rises sharply with even a few high-precision tokens.",
-        "Fig. 4b",
-        "qualitative (no numbers recovered)",
-        ("04_images",),
-    ),
-    "w4a4kv4_perplexity": Claim(
-        "STaMP lowers LLM perplexity",
-        "At W4A4KV4, adding STaMP lowers WikiText-2 perplexity for every baseline (RTN, "
-        "SmoothQuant, QuaRot, FlatQuant), most on small models.",
-        "Table 2",
-        "Llama-3.2-1B-it: RTN 1795 → 700, SmoothQuant 883 → 407, QuaRot 25.78 → 23.72, "
-        "FlatQuant 15.72 → 15.16 (FP 13.16). Llama-3-8B: RTN 668 → 95.3, QuaRot 9.05 → 8.66, "
-        "FlatQuant 6.89 → 6.77 (FP 6.14). 2048-token windows, 4.125 activation bits on average",
-        ("03_llm",),
-    ),
-    "llm_gain_where_worst": Claim(
-        "LLM gains largest where the baseline is worst",
-        "STaMP's perplexity gain is largest where the baseline is worst (small models, RTN), "
-        "smallest where rotations already keep the model close to full precision.",
-        "Table 2",
-        "Llama-3.2-1B-it RTN 1795 → 700 vs QuaRot 25.78 → 23.72; Llama-3-8B RTN 668 → 95.3 vs "
-        "QuaRot 9.05 → 8.66",
-        ("03_llm",),
-    ),
-    "llm_levels": Claim(
-        "Haar levels and STaMP on K/V (LLM)",
-        "How many Haar levels to use on 2048 tokens with 64 high-precision rows, and whether keys and "
-        "values should get the sequence transform too.",
-        "not stated",
-        "no ablation; the overhead study uses 3 levels, and whether K/V get the transform is not said",
-        ("03_llm",),
-    ),
-    "lvm_sqnr": Claim(
-        "STaMP raises image-model SQNR",
-        "Image generators at W4A4: adding STaMP raises SQNR (and ImageReward).",
-        "Table 1",
-        "SQNR (dB), PixArt-Σ COCO: RTN 5.88 → 6.16, SVDQuant 8.78 → 9.72; MJHQ: RTN 5.75 → 6.23, "
-        "ViDiT-Q 7.55 → 8.53, SVDQuant 8.83 → 9.75; SANA COCO: RTN 8.63 → 9.32, SVDQuant "
-        "9.99 → 10.69. 4096 tokens, 4.0625 bits on average",
-        ("04_images",),
-    ),
-    "feature_sequence_complementary": Claim(
-        "Feature and sequence transforms add up",
-        "A feature (Hadamard) transform and a sequence transform are complementary: both together "
-        "beat either alone.",
-        "Fig. 1",
-        "PixArt-Σ, 4-bit activations, SQNR (dB): none 0.64; one transform 5.00, the other 7.07 "
-        "(most likely STaMP 5.00, Hadamard 7.07); both 11.47",
-        ("04_images",),
-    ),
-    "causality": Claim(
-        "Causality",
-        "A sequence transform lets future tokens change the quantization of past ones in a causal "
-        "LM: how much, its effect on perplexity, and whether a causal-safe (block-wise) variant works.",
-        "not discussed",
-        "the paper evaluates full sequences (prefill) and does not discuss causality",
-    ),
-}
-
-# A verdict starts with one of these words (longest first), optionally followed by ": ..." or
-# "; ..." saying more.
-VERDICTS = ("partly confirmed", "not confirmed", "confirmed", "refuted", "new")
-
-
-def claim(key: str) -> Claim:
-    """The registered claim ``key``; ``KeyError`` naming the known keys otherwise."""
-    if key not in CLAIMS:
-        raise KeyError(f"unknown claim key {key!r}; registered: {sorted(CLAIMS)}. "
-                       "Register it in stamp_lib.study.CLAIMS (title, claim, where, paper's number).")
-    return CLAIMS[key]
-
-
-def verdict_status(verdict: str) -> str:
-    """The leading word of a verdict (one of :data:`VERDICTS`); ``ValueError`` if there is none."""
-    v = verdict.strip().lower()
-    for word in VERDICTS:
-        if v == word or v.startswith(word + ":") or v.startswith(word + ";") or v.startswith(word + " "):
-            return word
-    raise ValueError(f"a verdict must start with one of {VERDICTS}, got {verdict!r}")
 
 
 class ProseContradicted(AssertionError):
@@ -255,34 +112,6 @@ def seed_everything(seed: int = 0) -> None:
         pass
 
 
-def results_dir() -> Path:
-    """Where :meth:`Run.save` writes (``STAMP_RESULTS`` or ``<repo>/data/results``), created."""
-    d = Path(os.environ.get("STAMP_RESULTS", REPO_ROOT / "data" / "results"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def cache_dir(*parts: str) -> Path:
-    """The ignored cache folder (``STAMP_CACHE`` or ``<repo>/data/cache``), created on demand."""
-    d = Path(os.environ.get("STAMP_CACHE", REPO_ROOT / "data" / "cache")).joinpath(*parts)
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "tolist"):  # numpy / torch scalars and arrays
-        return _jsonable(v.tolist())
-    if isinstance(v, float) and not np.isfinite(v):
-        return str(v)
-    return v
-
-
-# ---- provenance and code hashes --------------------------------------------------------------
-
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -313,11 +142,15 @@ def code_files(notebook: str, modules: list[str] | None = None) -> dict[str, str
         out[f"notebooks/{notebook}.md#code"] = notebook_code_hash(notebook)
     except KeyError:  # a run outside the book (a script, a test): no notebook to hash
         pass
-    for m in sorted(set(modules) - set(PRESENTATION_MODULES)):
-        rel = m.replace(".", "/")
-        path = REPO_ROOT / (rel + "/__init__.py" if m == "stamp_lib" else rel + ".py")
-        if path.is_file():
-            out[str(path.relative_to(REPO_ROOT))] = _sha(path.read_bytes())
+    for m in sorted(set(modules)):
+        f = getattr(sys.modules.get(m), "__file__", None)
+        if not f:
+            continue
+        path = Path(f).resolve()
+        if path.is_file() and path.is_relative_to(REPO_ROOT):
+            rel = str(path.relative_to(REPO_ROOT))
+            if not is_presentation(rel):
+                out[rel] = _sha(path.read_bytes())
     return out
 
 
@@ -395,7 +228,7 @@ class Run:
 
     def record(self, name: str, value: Any, **knobs: Any) -> Any:
         """Store one reported number with all the knobs that produced it; returns ``value``."""
-        self.records.append({"name": name, "value": _jsonable(value), "knobs": _jsonable(knobs)})
+        self.records.append({"name": name, "value": jsonable(value), "knobs": jsonable(knobs)})
         return value
 
     def verdict(self, key: str, verdict: str, ours: str, *, numbers: dict | None = None,
@@ -416,13 +249,13 @@ class Run:
             raise ValueError(f"{self.notebook}: claim {key!r} already has a verdict in this run")
         numbers = {str(k): float(v) for k, v in (numbers or {}).items()}
         v = {"key": key, "claim": c.title, "verdict": verdict, "status": status, "ours": ours,
-             "numbers": numbers, "conditions": _jsonable(conditions or {}), "size": size()}
+             "numbers": numbers, "conditions": jsonable(conditions or {}), "size": size()}
         if detail:
             v["detail"] = detail
         self.verdicts.append(v)
 
     def glue(self, name: str, value: Any, fmt: str | None = None) -> None:
-        """Format ``value`` (``fmt``, else :func:`stamp_lib.plotting.num` for numbers), glue it
+        """Format ``value`` (``fmt``, else :func:`stamp_lib.book.plotting.num` for numbers), glue it
         for the prose (``{glue:text}`name```) and keep it in ``self.glued`` for the results file.
         Returns nothing, so a glue call that ends a cell displays nothing."""
         if isinstance(value, str):
@@ -468,7 +301,7 @@ class Run:
             "notebook": self.notebook,
             "size": size(),
             "seed": self.seed,
-            "knobs": _jsonable(self.knobs),
+            "knobs": jsonable(self.knobs),
             "wall_time_s": round(wall, 2),
             **provenance(),
             "code": {"files": files, "hash": _sha(json.dumps(files, sort_keys=True).encode())},
@@ -478,9 +311,7 @@ class Run:
             "glued": self.glued,
             "checks": self.checks,
         }
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=1, sort_keys=False))
-        tmp.replace(out)
+        atomic_write(out, json.dumps(payload, indent=1, sort_keys=False))
         where = out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out
         print(f"[{self.notebook}] {len(self.records)} numbers, {len(self.verdicts)} verdicts, "
               f"wall time {wall:.1f} s\n  -> {where}")
@@ -495,18 +326,6 @@ def start(notebook: str, knobs: dict | None = None, seed: int = 0) -> Run:
     for k, v in run.knobs.items():
         print(textwrap.fill(f"{k} = {v}", width=TEXT_COLS, initial_indent="  ", subsequent_indent="      "))
     return run
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    """Write a results file for a command-line run: folders created, written atomically (a
-    temporary file renamed), the path printed. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=1))
-    tmp.replace(path)
-    print(f"wrote {path}")
-    return path
 
 
 def load_results(folder: Path | None = None) -> dict[str, dict]:
@@ -570,9 +389,7 @@ def write_full_record(data: dict, folder: Path | None = None) -> Path:
     folder = folder or full_dir()
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{data['notebook']}{FULL_SUFFIX}"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(gzip.compress(json.dumps(data, separators=(",", ":")).encode(), mtime=0))
-    tmp.replace(out)
+    atomic_write(out, gzip.compress(json.dumps(data, separators=(",", ":")).encode(), mtime=0))
     return out
 
 
@@ -594,7 +411,7 @@ def full_record(notebook: str, folder: Path | None = None) -> FullRecord | None:
         return None
     data = read_full_record(p)
     files = {f: h for f, h in data.get("code", {}).get("files", {}).items()
-             if f not in PRESENTATION_FILES}
+             if not is_presentation(f)}
     changed = [f for f, h in files.items() if current_hash(f) != h]
     return FullRecord(data=data, stale=bool(changed) or not files, changed=changed or
                       ([] if files else ["(no code hash in the record)"]))
@@ -611,29 +428,6 @@ def full_records(folder: Path | None = None) -> dict[str, FullRecord]:
     return out
 
 
-def format_conditions(cond: dict) -> str:
-    """``{"s": 256, "bits": "64x8+4"}`` -> ``s = 256, bits 64x8+4`` (for tables and prose)."""
-    parts = []
-    for k, v in cond.items():
-        if isinstance(v, float):
-            from .plotting import num
-
-            v = num(v, 4)
-        elif isinstance(v, (list, tuple)):
-            v = ", ".join(str(x) for x in v)
-        parts.append(f"{k} = {v}" if len(k) <= 2 else f"{k} {v}")
-    return ", ".join(parts)
-
-
-def _numbers_text(v: dict | None) -> str:
-    if v is None:
-        return "not recorded"
-    from .plotting import num
-
-    nums = "; ".join(f"{k}: {num(x)}" for k, x in v.get("numbers", {}).items())
-    return f"**{v.get('status') or v['verdict']}**" + (f"; {nums}" if nums else "")
-
-
 def findings_table(notebook: str, verdicts: list[dict], full: FullRecord | None):
     """Markdown: one row per verdict of this run, its numbers beside the full-size record's, and
     a line saying the conditions of both (and whether the record is stale)."""
@@ -645,7 +439,7 @@ def findings_table(notebook: str, verdicts: list[dict], full: FullRecord | None)
     rows = []
     for v in verdicts:
         fv = full.verdict(v["key"]) if full is not None else None
-        rows.append([CLAIMS[v["key"]].title, _numbers_text(v), _numbers_text(fv)])
+        rows.append([CLAIMS[v["key"]].title, numbers_text(v), numbers_text(fv)])
     head = ["claim", f"this build ({this})",
             "full size (recorded)" + (", STALE" if full is not None and full.stale else "")]
     md = table(head, rows, align="lll").data

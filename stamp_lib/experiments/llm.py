@@ -1,6 +1,6 @@
 r"""The language-model experiment (the paper's Table 2): W4A4KV4 perplexity with and without STaMP.
 
-Rows of the table are *methods*, each a :class:`~stamp_lib.recipe.Recipe` over every attention and
+Rows of the table are *methods*, each a :class:`~stamp_lib.model.recipe.Recipe` over every attention and
 MLP projection (``model.layers.*``; the embeddings and ``lm_head`` stay in full precision):
 
 ==============  ==================================================================================
@@ -33,10 +33,10 @@ position i can depend on tokens after i: these perplexities are not strictly cau
 
 Command line (one table cell)::
 
-    python -m stamp_lib.llm --model smollm2-135m --method quarot --weights gptq --stamp dwt --kv-bits 4 --windows 8
-    python -m stamp_lib.llm --model meta-llama/Meta-Llama-3-8B --device-map auto --method rtn --stamp dwt
+    python -m stamp_lib llm --model smollm2-135m --method quarot --weights gptq --stamp dwt --kv-bits 4 --windows 8
+    python -m stamp_lib llm --model meta-llama/Meta-Llama-3-8B --device-map auto --method rtn --stamp dwt
 
-The forward-speed benchmark is ``python -m stamp_lib.bench llm``.
+The forward-speed benchmark is ``python -m stamp_lib bench llm``.
 
 Quantization is simulated (fake quantization in floating point).
 """
@@ -52,23 +52,18 @@ from pathlib import Path
 
 import torch
 
-from . import recipe as rcp
-from .recipe import ActQuant, Recipe, Rule, WeightQuant
+from ..core import metrics, stats, transforms
+from ..core.io import results_dir, write_json
+from ..methods import FEATURE_OF
+from ..methods import LLM_BASELINES as METHODS
+from ..model import recipe as rcp
+from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
+from ..zoo import models, text
 
 __all__ = ["METHODS", "LINEARS", "llm_recipe", "Eval", "evaluate", "paired", "eval_data", "load", "main"]
 
-METHODS = ("fp", "rtn", "smoothquant", "quarot")
 STAMPS = ("none", "dwt", "dct", "wht")
 LINEARS = "model.layers.*"
-_FEATURE = {"fp": None, "rtn": None, "smoothquant": "smoothquant", "quarot": "hadamard"}
-
-
-def default_levels(seq_len: int, hp_tokens: int) -> int:
-    """Haar levels whose approximation band has exactly the ``hp_tokens`` high-precision rows:
-    log2(seq_len / hp_tokens) (5 for 2048 / 64), at least 1."""
-    if hp_tokens < 1 or seq_len < hp_tokens:
-        raise ValueError(f"need 1 <= hp_tokens <= seq_len, got {hp_tokens} and {seq_len}")
-    return max(1, int(round(math.log2(seq_len / hp_tokens))))
 
 
 def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, levels: int | None = None,
@@ -76,8 +71,8 @@ def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, l
                hp_bits: int = 8, kv_stamp: bool = False, alpha: float = 0.5, patterns=LINEARS) -> Recipe:
     """The recipe of one Table 2 cell (see the module docstring). ``stamp``: ``None``/``"none"``
     (bit-matched baseline) or a sequence transform; ``kv_bits=None`` leaves K/V in full precision.
-    ``levels`` (Haar): default :func:`default_levels` of ``seq_len`` (the approximation band is
-    the high-precision rows)."""
+    ``levels`` (Haar): default :func:`stamp_lib.core.transforms.haar_levels` of ``seq_len`` (the
+    approximation band is the high-precision rows)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     stamp = None if stamp in (None, "none", "identity") else stamp
@@ -87,13 +82,13 @@ def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, l
     if method == "fp":
         return Recipe((Rule(patterns),), name=name)
     tr = stamp or "identity"
-    lv = (levels or default_levels(seq_len, hp_tokens)) if tr == "dwt" else None
+    lv = (levels or transforms.haar_levels(seq_len, hp_tokens)) if tr == "dwt" else None
     act = ActQuant(bits=f"{hp_tokens}x{hp_bits}+{a_bits}", transform=tr, levels=lv)
     kv = None
     if kv_bits:
         ktr = tr if kv_stamp else "identity"
         kv = ActQuant(bits=f"{hp_tokens}x{hp_bits}+{kv_bits}", transform=ktr, levels=lv if ktr == "dwt" else None)
-    rule = Rule(patterns, act=act, weight=WeightQuant(bits=w_bits, method=weights), feature=_FEATURE[method],
+    rule = Rule(patterns, act=act, weight=WeightQuant(bits=w_bits, method=weights), feature=FEATURE_OF[method],
                 alpha=alpha)
     return Recipe((rule,), kv=kv, name=name)
 
@@ -116,8 +111,8 @@ class Eval:
     @property
     def se_nll(self) -> float:
         """Standard error of the mean NLL over windows (0 for one window)."""
-        n = self.nll.numel()
-        return float(self.nll.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+        se = stats.mean_se(self.nll)[1]
+        return 0.0 if math.isnan(se) else se
 
     @property
     def ppl(self) -> float:
@@ -137,9 +132,7 @@ class Eval:
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, recipe: Recipe, prepared: rcp.Prepared | None = None, *,
              calib=None, batch_size: int = 1, progress: bool = True) -> Eval:
-    """Per-window NLL of ``model`` under ``recipe`` (see :func:`stamp_lib.models.window_nll`)."""
-    from . import models
-
+    """Per-window NLL of ``model`` under ``recipe`` (see :func:`stamp_lib.zoo.models.window_nll`)."""
     hp = max([r.act.hp_tokens for r in recipe.rules if r.act] + [recipe.kv.hp_tokens if recipe.kv else 0])
     if hp > windows.shape[1]:
         raise ValueError(f"{hp} high-precision tokens do not fit windows of s={windows.shape[1]} tokens")
@@ -155,12 +148,10 @@ def paired(base: Eval, other: Eval) -> dict:
     ``other`` better) with its standard error, the perplexity ratio, and windows where ``other`` wins."""
     if base.nll.shape != other.nll.shape:
         raise ValueError("paired comparison needs the same windows")
-    d = other.nll - base.nll
-    n = d.numel()
-    se = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    mean = float(d.mean())
-    return {"delta_nll": mean, "se_delta_nll": se, "ppl_ratio": math.exp(mean), "wins": int((d < 0).sum()),
-            "n": n, "beyond_2se": bool(n > 1 and abs(mean) > 2 * se)}
+    p = stats.paired_difference(base.nll, other.nll, better="lower")
+    return {"delta_nll": p["mean"], "se_delta_nll": p["se"], "ci95_lo": p["ci_lo"], "ci95_hi": p["ci_hi"],
+            "ppl_ratio": math.exp(p["mean"]), "wins": p["wins"], "n": p["n"], "beyond_2se": p["beyond_2se"],
+            "beyond_ci95": p["beyond_ci"]}
 
 
 ROWS = (("rtn", "rtn"), ("smoothquant", "rtn"), ("quarot", "rtn"), ("quarot", "gptq"))
@@ -234,8 +225,6 @@ def run_table(model, eval_windows: torch.Tensor, calib_windows: torch.Tensor | N
 def layer_sqnr(model, window: torch.Tensor, recipe: Recipe, prepared: rcp.Prepared | None = None) -> dict:
     """SQNR (dB) of every quantized linear input on one forward: ``10 log10(||x R||^2 / ||x R - x_hat||^2)``
     in the basis it is quantized in (each layer's own input, as perturbed by the layers before)."""
-    from . import metrics
-
     out = {}
 
     def obs(name, xr, xh):
@@ -248,9 +237,7 @@ def layer_sqnr(model, window: torch.Tensor, recipe: Recipe, prepared: rcp.Prepar
 
 def eval_data(tokenizer, seq_len: int, n_eval: int, n_calib: int = 0):
     """``(eval_windows, calib_windows)`` from the Wikipedia evaluation / calibration splits (disjoint
-    by article; :mod:`stamp_lib.text`)."""
-    from . import text
-
+    by article; :mod:`stamp_lib.zoo.text`)."""
     calib_articles, eval_articles = text.wiki_split()
     ev = text.token_windows(tokenizer, eval_articles, seq_len, n_eval)
     cal = text.token_windows(tokenizer, calib_articles, seq_len, n_calib) if n_calib else None
@@ -260,8 +247,6 @@ def eval_data(tokenizer, seq_len: int, n_eval: int, n_calib: int = 0):
 def load(name: str, device: str | None = None, device_map: str | None = None, dtype: str = "float32"):
     """``(model, tokenizer)``: ``smollm2-135m``, ``gemma3-270m`` (packaged here), a local folder or a
     Hugging Face id present in the local cache (e.g. ``meta-llama/Meta-Llama-3-8B``)."""
-    from . import models
-
     dt = getattr(torch, dtype)
     model, tok = models.load_causal_lm(name, dt, device_map=device_map)
     if device and not device_map:
@@ -271,7 +256,7 @@ def load(name: str, device: str | None = None, device_map: str | None = None, dt
 
 # ----------------------------------------------------------------------------- command line
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stamp_lib.llm", description=(
+    p = argparse.ArgumentParser(prog="python -m stamp_lib llm", description=(
         "W4A4KV4 perplexity of one Table 2 cell (fake quantization). Prints the perplexity with its "
         "spread over windows and writes a results file with every knob."))
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | gemma3-270m | local folder | HF id in the cache")
@@ -302,8 +287,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = _parser().parse_args(argv)
-    from . import study
-
     r = llm_recipe(a.method, weights=a.weights, stamp=a.stamp, levels=a.levels, seq_len=a.seq_len, a_bits=a.a_bits,
                    w_bits=a.w_bits,
                    kv_bits=a.kv_bits or None, hp_tokens=a.hp_tokens, hp_bits=a.hp_bits, kv_stamp=a.kv_stamp,
@@ -324,8 +307,8 @@ def main(argv=None) -> dict:
            "calib_windows": a.calib_windows if r.needs_calibration() else 0, "seed": 0, "dtype": a.dtype,
            "protocol": "non-overlapping windows of the evaluation split, tail dropped, mean token NLL, exp",
            "simulated": "fake quantization in floating point", "wall_s": round(time.perf_counter() - t0, 1)}
-    path = Path(a.out) if a.out else study.results_dir() / "llm" / f"{a.model.replace('/', '_')}-{r.name.replace('/', '_').replace('+', '_')}.json"
-    study.write_json(path, out)
+    path = Path(a.out) if a.out else results_dir() / "llm" / f"{a.model.replace('/', '_')}-{r.name.replace('/', '_').replace('+', '_')}.json"
+    write_json(path, out)
     return out
 
 

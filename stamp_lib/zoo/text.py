@@ -10,7 +10,7 @@ Contract
 --------
 * :func:`wiki_articles` -> list of ``(title, text)``: pages of namespace 0, redirects and
   disambiguation pages skipped, markup removed with ``gensim.corpora.wikicorpus.filter_wiki`` and
-  then :func:`clean_wiki`. Deterministic (dump order), cached as JSON in ``study.cache_dir("text")``.
+  then :func:`clean_wiki`. Deterministic (dump order), cached as JSON in ``cache_dir("text")``.
 * :func:`wiki_split` -> ``(calib, eval)``: a split by article that never overlaps and does not
   depend on the machine: articles are ranked by sha256 of their title and the first
   ``round(calib_fraction * n)`` go to calibration. Each part keeps dump order.
@@ -27,15 +27,15 @@ from __future__ import annotations
 import bz2
 import functools
 import hashlib
+import io
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 
-from . import study
+from ..core.io import atomic_write, cache_dir
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 GENSIM_PIN = "gensim==4.4.0"
@@ -104,7 +104,7 @@ def _articles() -> tuple[tuple[str, str], ...]:
     src = wiki_path()
     with open(src, "rb") as f:
         src_sha = hashlib.sha256(f.read()).hexdigest()[:16]
-    cache = study.cache_dir("text") / f"wiki-{src_sha}-clean{CLEAN_VERSION}.json"
+    cache = cache_dir("text") / f"wiki-{src_sha}-clean{CLEAN_VERSION}.json"
     try:
         return tuple((t, x) for t, x in json.loads(cache.read_text()))
     except (OSError, ValueError):
@@ -119,9 +119,7 @@ def _articles() -> tuple[tuple[str, str], ...]:
             text = clean_wiki(filter_wiki(raw))
             if len(text.split()) >= MIN_ARTICLE_WORDS:
                 out.append((title, text))
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(cache)
+    atomic_write(cache, json.dumps(out))
     return tuple(out)
 
 
@@ -166,7 +164,7 @@ def _tokenizer_fingerprint(tokenizer) -> str | None:
 def token_stream(tokenizer, articles, cache: bool = True) -> torch.Tensor:
     """1-D LongTensor: every article tokenized without special tokens, EOS between articles.
 
-    Cached in ``study.cache_dir("text")`` keyed by a hash of the tokenizer definition and of the
+    Cached in ``cache_dir("text")`` keyed by a hash of the tokenizer definition and of the
     texts (fast Hugging Face tokenizers only; others are never cached)."""
     texts = _texts(articles)
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -177,7 +175,7 @@ def token_stream(tokenizer, articles, cache: bool = True) -> torch.Tensor:
         h = hashlib.sha256()
         for t in texts:
             h.update(t.encode("utf-8") + b"\0")
-        path = study.cache_dir("text") / f"tokens-{fp}-{h.hexdigest()[:16]}.pt"
+        path = cache_dir("text") / f"tokens-{fp}-{h.hexdigest()[:16]}.pt"
     if cache and path.is_file():
         try:
             return torch.load(path).long()
@@ -189,9 +187,9 @@ def token_stream(tokenizer, articles, cache: bool = True) -> torch.Tensor:
         stream.extend(x if i == 0 else sep + x)
     out = torch.tensor(stream, dtype=torch.long)
     if cache:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(out.to(torch.int32), tmp)
-        tmp.replace(path)
+        buf = io.BytesIO()
+        torch.save(out.to(torch.int32), buf)
+        atomic_write(path, buf.getvalue())
     return out
 
 

@@ -144,7 +144,7 @@ def color(name: str) -> str:
     k = _key(name)
     if k not in COLORS:
         raise KeyError(f"no colour registered for {name!r}; known: {sorted(COLORS)}. "
-                       "Add it to stamp_lib.plotting.COLORS (one colour per name, book-wide).")
+                       "Add it to stamp_lib.book.plotting.COLORS (one colour per name, book-wide).")
     return COLORS[k]
 
 
@@ -225,7 +225,7 @@ def render(fig) -> tuple[bytes, int, float]:
     font, what = min_font(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=RENDER_DPI, bbox_inches="tight", pad_inches=0.05,
-                metadata={"Software": "stamp_lib.plotting", "stamp:min_font_pt": f"{font:.3f}"})
+                metadata={"Software": "stamp_lib.book.plotting", "stamp:min_font_pt": f"{font:.3f}"})
     png = buf.getvalue()
     w, _ = png_size(png)
     width_px = round(w * DISPLAY_DPI / RENDER_DPI)

@@ -1,0 +1,186 @@
+"""The claims registry: every claim of the paper (or open question) the book tests, registered
+once, and how a verdict on it is written and shown.
+
+A chapter attaches its result with ``run.verdict(key, verdict, ours, numbers=..., conditions=...)``
+(:mod:`stamp_lib.book.study`); an unknown key or a verdict that does not start with one of
+:data:`VERDICTS` is an error right there. The claims page lists :data:`CLAIMS` and the verdicts
+found in the results files, generically: a new chapter's claims appear on it without editing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Claim", "CLAIMS", "VERDICTS", "claim", "verdict_status", "format_conditions", "numbers_text"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper (or open question) that the book tests.
+
+    ``title``: a few words, used in tables. ``claim``: the claim in one or two sentences (MyST
+    Markdown; maths in ``$...$``). ``where``: the paper's figure, table or section. ``paper``:
+    the paper's number(s) for it, or what the paper says when it gives none (from
+    ``shared/paper-notes.md``; never a number the paper does not state). ``chapters``: the
+    notebooks expected to test it.
+    """
+
+    title: str
+    claim: str
+    where: str
+    paper: str
+    chapters: tuple[str, ...] = ()
+
+
+CLAIMS: dict[str, Claim] = {
+    "theorem1_holds": Claim(
+        "Theorem 1 bounds the error",
+        r"For an orthogonal $L$ and per-token min-max quantization without clipping, "
+        r"$\lVert L^{-1}Q(LX)-X\rVert^2 \le \frac d2 \sum_i \lVert l_iX\rVert^2/(2^{b_i}-1)^2$.",
+        "Theorem 1",
+        "a proved bound; the paper reports no measured tightness",
+        ("01_theorem1",),
+    ),
+    "white_noise_no_gain": Claim(
+        "No local correlation, no gain",
+        "A sequence transform helps only where activations are correlated along the sequence; "
+        "on inputs without local structure it gains nothing.",
+        "Sec. 3",
+        "argued (STaMP is not applied to inputs without local structure); no number",
+        ("01_theorem1",),
+    ),
+    "optimal_vs_two_level": Claim(
+        "Log-energy bits vs two levels",
+        r"The allocation that minimises the bound gives row $i$ a width of $\log_2\sqrt{e_i} - C$ bits; the "
+        "experiments use two levels instead (64 rows at 8 bits, the rest at 4).",
+        "Sec. 2, corollary of Theorem 1",
+        "derived, not measured; the two-level rule spends 4.125 bits on average at $s = 2048$",
+        ("01_theorem1",),
+    ),
+    "dct_wht_dwt_close": Claim(
+        "DCT, WHT and DWT alike, far above identity",
+        "DCT, WHT and Haar DWT perform about the same, far better than no sequence transform.",
+        "Fig. 7",
+        "qualitative (no numbers recovered)",
+        ("02_real_activations",),
+    ),
+    "dct_approximates_klt": Claim(
+        "The DCT approximates the KLT",
+        "Sequence autocorrelations are close to Toeplitz, so the DCT approximates the KLT, the "
+        "transform that concentrates energy best.",
+        "Sec. 3",
+        "argued from the Toeplitz structure; not measured",
+        ("02_real_activations",),
+    ),
+    "klt_gap": Claim(
+        "Gap to a calibrated KLT",
+        "How far the best practical transform (DCT, WHT or DWT) is from a KLT calibrated on "
+        "other data, on real activations.",
+        "open question",
+        "not measured",
+        ("02_real_activations",),
+    ),
+    "few_hp_tokens": Claim(
+        "A few 8-bit tokens suffice",
+        "SQNR rises sharply with even a few high-precision tokens.",
+        "Fig. 4b",
+        "qualitative (no numbers recovered)",
+        ("04_images",),
+    ),
+    "w4a4kv4_perplexity": Claim(
+        "STaMP lowers LLM perplexity",
+        "At W4A4KV4, adding STaMP lowers WikiText-2 perplexity for every baseline (RTN, "
+        "SmoothQuant, QuaRot, FlatQuant), most on small models.",
+        "Table 2",
+        "Llama-3.2-1B-it: RTN 1795 → 700, SmoothQuant 883 → 407, QuaRot 25.78 → 23.72, "
+        "FlatQuant 15.72 → 15.16 (FP 13.16). Llama-3-8B: RTN 668 → 95.3, QuaRot 9.05 → 8.66, "
+        "FlatQuant 6.89 → 6.77 (FP 6.14). 2048-token windows, 4.125 activation bits on average",
+        ("03_llm",),
+    ),
+    "llm_gain_where_worst": Claim(
+        "LLM gains largest where the baseline is worst",
+        "STaMP's perplexity gain is largest where the baseline is worst (small models, RTN), "
+        "smallest where rotations already keep the model close to full precision.",
+        "Table 2",
+        "Llama-3.2-1B-it RTN 1795 → 700 vs QuaRot 25.78 → 23.72; Llama-3-8B RTN 668 → 95.3 vs "
+        "QuaRot 9.05 → 8.66",
+        ("03_llm",),
+    ),
+    "llm_levels": Claim(
+        "Haar levels and STaMP on K/V (LLM)",
+        "How many Haar levels to use on 2048 tokens with 64 high-precision rows, and whether keys and "
+        "values should get the sequence transform too.",
+        "not stated",
+        "no ablation; the overhead study uses 3 levels, and whether K/V get the transform is not said",
+        ("03_llm",),
+    ),
+    "lvm_sqnr": Claim(
+        "STaMP raises image-model SQNR",
+        "Image generators at W4A4: adding STaMP raises SQNR (and ImageReward).",
+        "Table 1",
+        "SQNR (dB), PixArt-Σ COCO: RTN 5.88 → 6.16, SVDQuant 8.78 → 9.72; MJHQ: RTN 5.75 → 6.23, "
+        "ViDiT-Q 7.55 → 8.53, SVDQuant 8.83 → 9.75; SANA COCO: RTN 8.63 → 9.32, SVDQuant "
+        "9.99 → 10.69. 4096 tokens, 4.0625 bits on average",
+        ("04_images",),
+    ),
+    "feature_sequence_complementary": Claim(
+        "Feature and sequence transforms add up",
+        "A feature (Hadamard) transform and a sequence transform are complementary: both together "
+        "beat either alone.",
+        "Fig. 1",
+        "PixArt-Σ, 4-bit activations, SQNR (dB): none 0.64; one transform 5.00, the other 7.07 "
+        "(most likely STaMP 5.00, Hadamard 7.07); both 11.47",
+        ("04_images",),
+    ),
+    "causality": Claim(
+        "Causality",
+        "A sequence transform lets future tokens change the quantization of past ones in a causal "
+        "LM: how much, its effect on perplexity, and whether a causal-safe (block-wise) variant works.",
+        "not discussed",
+        "the paper evaluates full sequences (prefill) and does not discuss causality",
+    ),
+}
+
+# A verdict starts with one of these words (longest first), optionally followed by ": ..." or
+# "; ..." saying more.
+VERDICTS = ("partly confirmed", "not confirmed", "confirmed", "refuted", "new")
+
+
+def claim(key: str) -> Claim:
+    """The registered claim ``key``; ``KeyError`` naming the known keys otherwise."""
+    if key not in CLAIMS:
+        raise KeyError(f"unknown claim key {key!r}; registered: {sorted(CLAIMS)}. "
+                       "Register it in stamp_lib.book.claims.CLAIMS (title, claim, where, paper's number).")
+    return CLAIMS[key]
+
+
+def verdict_status(verdict: str) -> str:
+    """The leading word of a verdict (one of :data:`VERDICTS`); ``ValueError`` if there is none."""
+    v = verdict.strip().lower()
+    for word in VERDICTS:
+        if v == word or v.startswith(word + ":") or v.startswith(word + ";") or v.startswith(word + " "):
+            return word
+    raise ValueError(f"a verdict must start with one of {VERDICTS}, got {verdict!r}")
+
+
+def format_conditions(cond: dict) -> str:
+    """``{"s": 256, "bits": "64x8+4"}`` -> ``s = 256, bits 64x8+4`` (for tables and prose)."""
+    parts = []
+    for k, v in cond.items():
+        if isinstance(v, float):
+            from .plotting import num
+
+            v = num(v, 4)
+        elif isinstance(v, (list, tuple)):
+            v = ", ".join(str(x) for x in v)
+        parts.append(f"{k} = {v}" if len(k) <= 2 else f"{k} {v}")
+    return ", ".join(parts)
+
+
+def numbers_text(v: dict | None) -> str:
+    if v is None:
+        return "not recorded"
+    from .plotting import num
+
+    nums = "; ".join(f"{k}: {num(x)}" for k, x in v.get("numbers", {}).items())
+    return f"**{v.get('status') or v['verdict']}**" + (f"; {nums}" if nums else "")
