@@ -90,11 +90,14 @@ def _rel(a, b):
 @pytest.mark.parametrize("n", [4, 12, 20, 28, 36, 40, 48, 512, 576, 640, 1536, 3072])
 @pytest.mark.parametrize("seed", [None, 7])
 @pytest.mark.parametrize("path", ["auto", "kron"])
-def test_fast_equals_dense(n, seed, path):
+def test_fast_equals_dense(n, seed, path, monkeypatch):
     R = features.hadamard_rotation(n, seed=seed)
     if path == "kron":
         R.matmul_max = 0  # force the Kronecker path at every order
-    assert (n <= R.matmul_max) == (path == "auto" and n <= 128)
+    kron_calls = []
+    real_kron = features.HadamardRotation._kron_product
+    monkeypatch.setattr(features.HadamardRotation, "_kron_product",
+                        staticmethod(lambda y, fs: kron_calls.append(len(fs)) or real_kron(y, fs)))
     assert isinstance(R, features.Rotation) and R.d == n
     g = torch.Generator().manual_seed(n)
     x = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
@@ -106,10 +109,16 @@ def test_fast_equals_dense(n, seed, path):
     torch.testing.assert_close(R.forward(x), R.forward_dense(x))
     torch.testing.assert_close(R.inverse(x), R.inverse_dense(x))
     torch.testing.assert_close(R.fold_weight(W), R.fold_weight_dense(W))
+    # the path asked for is the one taken: Kronecker products when forced, above 128 by default
+    assert bool(kron_calls) == (path == "kron" or n > 128), (n, path, kron_calls)
     # the dense twin is D H / sqrt(n) with H from hadamard_matrix
     H = hadamard.hadamard_matrix(n)
-    D = torch.ones(n, dtype=torch.float64) if seed is None else R.signs
-    assert bool((D.abs() == 1).all())
+    if seed is None:
+        assert R.signs is None
+        D = torch.ones(n, dtype=torch.float64)
+    else:
+        D = R.signs
+        assert bool((D.abs() == 1).all()) and bool((D == 1).any()) and bool((D == -1).any())
     torch.testing.assert_close(Rd, D[:, None] * H / math.sqrt(n))
     # float32 fast path against the float64 dense result
     y32 = R.forward(x.float())
@@ -487,7 +496,12 @@ def test_hessian_accumulator_matches_concatenated_gram():
     assert acc.count == X.shape[0] == 29
     assert acc.H.dtype == torch.float64
     torch.testing.assert_close(acc.H, X.T @ X / 29)
-    assert gptq.hessian_accumulator is gptq.HessianAccumulator
+    # the lower-case name the model layer calls accumulates the same (with or without a size given)
+    for made in (gptq.hessian_accumulator(), gptq.hessian_accumulator(16)):
+        for p in parts:
+            made.add(p)
+        assert made.count == 29
+        torch.testing.assert_close(made.H, acc.H, rtol=0, atol=0)
 
 
 def test_hessian_accumulator_errors():

@@ -61,7 +61,7 @@ class Hooks:
     names: list[str]
     dedup: bool
     aliases: dict[str, str] = field(default_factory=dict)
-    _last: tuple | None = None  # (name, tensor) of the last capture; holding it keeps its memory alive
+    _last: tuple | None = None  # (name, tensor, its version) of the last capture; holding it keeps its memory alive
     _passes: int = 0
     _pass_aliases: dict = field(default_factory=dict)
 
@@ -96,10 +96,10 @@ def capturing(model: nn.Module, patterns="*", on_input: Callable[[str, torch.Ten
         x = x.detach()
         if dedup:
             last = hooks._last
-            if last is not None and hooks_.same_tensor(x, last[1]):
+            if last is not None and hooks_.same_tensor(last[1], x, version=last[2]):
                 hooks._pass_aliases[name] = last[0]
                 return None
-            hooks._last = (name, x)
+            hooks._last = (name, x, x._version)
         if on_input is not None:
             on_input(name, x)
         return None
@@ -280,7 +280,7 @@ def capture_inputs(model: nn.Module, inputs, patterns="*", *, batch_size: int = 
     batches = _batches(inputs, batch_size)
     total = len(batches) if hasattr(batches, "__len__") else None
     with capturing(model, patterns, on_input, dedup=dedup, types=types) as hooks:
-        for batch in tqdm(batches, total=total, desc="capture", disable=not progress, leave=False):
+        for batch in tqdm(batches, total=total, desc="capture", disable=None if progress else True, leave=False):
             hooks.new_pass()
             _call(model, batch, forward)
     aliases = hooks.aliases

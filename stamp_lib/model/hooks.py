@@ -85,11 +85,16 @@ def select_modules(model: nn.Module, patterns="*", types=(nn.Linear,)) -> dict[s
     return {n: m for n, m in cands.items() if matches(n, pats)}
 
 
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_tensor(a: torch.Tensor, b: torch.Tensor, version: int | None = None) -> bool:
     """Exactly the same tensor still alive and unmodified (storage, shape, strides, dtype, device,
-    version counter): how modules fed one input (q/k/v, gate/up) are recognised, never by value."""
+    version counter): how modules fed one input (q/k/v, gate/up) are recognised, never by value.
+
+    ``version``: ``a._version`` when ``a`` was recorded. Pass it: ``a`` kept as the tensor itself
+    (or a ``detach()``/view of it) shares its version counter with ``b``, so an in-place change made
+    since then moves both counters and only the recorded number shows it."""
+    va = a._version if version is None else version
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype and a.device == b.device and a._version == b._version)
+            and a.dtype == b.dtype and a.device == b.device and va == b._version)
 
 
 def find_input(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
