@@ -25,9 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stamp_lib.book import study
+from stamp_lib.book import study  # noqa: E402
+from stamp_lib.experiments import cli  # noqa: E402
 
 CELL_TIMEOUT = 4 * 3600  # a full-size cell may take over an hour on 2 cores (chapter 3's table)
+
+
+def _notebook(name: str) -> Path:
+    return ROOT / "notebooks" / f"{Path(name).stem}.md"
 
 
 def chapters(names: list[str]) -> list[Path]:
@@ -36,11 +41,28 @@ def chapters(names: list[str]) -> list[Path]:
         return sorted(p for p in (ROOT / "notebooks").glob("[0-8]*.md"))
     out = []
     for n in names:
-        p = ROOT / "notebooks" / f"{Path(n).stem}.md"
+        p = _notebook(n)
         if not p.is_file():
             raise SystemExit(f"record_full: no notebook {p.relative_to(ROOT)}")
         out.append(p)
     return out
+
+
+def validate(a) -> None:
+    """Every NOTEBOOK names a chapter file; ``cli.BadInput`` (one line, exit 2) otherwise."""
+    for n in a.notebooks:
+        p = _notebook(n)
+        if not p.is_file():
+            known = ", ".join(q.stem for q in sorted((ROOT / "notebooks").glob("[0-8]*.md")))
+            raise cli.BadInput(f"NOTEBOOK {n}", f"there is no {p.relative_to(ROOT)}; name a chapter by its file stem "
+                                                f"(one of {known}) or give none to record every chapter")
+
+
+def _parser():
+    p = cli.Parser(prog="python .ci/record_full.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
+                   help="chapter stems or paths, e.g. 03_llm (default: every chapter, notebooks/[0-8]*.md)")
+    return p
 
 
 def record(path: Path, full_dir: Path) -> float:
@@ -63,8 +85,10 @@ def record(path: Path, full_dir: Path) -> float:
 
 
 def main(argv: list[str]) -> int:
+    a = cli.parse(_parser(), argv, validate)
+    paths = chapters(a.notebooks)
     full_dir = ROOT / "data" / "results" / "full"
-    for path in chapters(argv):
+    for path in paths:
         print(f"record_full: {path.name} at STUDY_SIZE=full ...", flush=True)
         try:
             wall = record(path, full_dir)

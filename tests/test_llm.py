@@ -63,6 +63,13 @@ def test_cli_runs_a_checkpoint_folder_and_writes_every_knob(tmp_path, tokenizer,
     assert len(ev["nll_per_window"]) == 2 and math.isfinite(ev["ppl"])
     assert ev["act_bits_spent"] == pytest.approx(4 + 4 * 16 / 128)
     assert ev["kv_bits_spent"] == pytest.approx(4 + 4 * 16 / 128)
+    # what ran, and the command that reruns it (every option spelled out, levels as applied)
+    assert saved["applied"]["levels"] == 3 and saved["applied"]["device"] == "cpu"
+    assert saved["applied"]["torch_threads"] >= 1 and saved["seeds_drawn"] == []
+    cmd = saved["command"]
+    assert cmd.startswith("python -m stamp_lib llm --model ") and "--levels 3 " in cmd and "--kv-bits 4 " in cmd
+    assert f"--out {out}" in cmd and "--no-progress" not in cmd
+    assert llm.validate(llm._parser().parse_args(cmd.split()[4:])) is None
 
 
 def test_fp_recipe_equals_the_plain_model(tmp_path, tokenizer):
@@ -111,5 +118,17 @@ def test_recipes_and_errors():
         llm.paired(a, b)
     with pytest.raises(ValueError, match="do not fit"):
         llm.evaluate(torch.nn.Linear(2, 2), torch.zeros(1, 32, dtype=torch.long), llm.llm_recipe("rtn"))
-    with pytest.raises(SystemExit, match="hp-tokens"):
-        llm.main(["--seq-len", "32", "--hp-tokens", "64"])
+
+
+def test_cli_refuses_bad_input_with_one_line(capsys):
+    """Checked before anything is loaded: exit 2, one line naming the argument, its range and the fix."""
+    for argv, says in ((["--seq-len", "32", "--hp-tokens", "64"], "--hp-tokens 64: high-precision tokens must be a "
+                                                                 "whole number in [1, 32]"),
+                       (["--stamp", "dwt", "--levels", "20", "--seq-len", "256"],
+                        "--levels 20: Haar levels must be a whole number in [1, 8]"),
+                       (["--windows", "0"], "pass --windows 1 or more"),
+                       (["--model", "gemma3-270m", "--dtype", "float16"], "pass --dtype bfloat16 or --dtype float32")):
+        with pytest.raises(SystemExit) as e:
+            llm.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and says in err, err

@@ -325,6 +325,33 @@ def test_cli_end_to_end(tmp_path):
     assert len(out["configs"]) == 10 and out["n_images"] == 2 and len(out["paired"]) == 4
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["configs"]["A4 +both"]["act_bits"] > 4
+    # the record says what ran: a 64 px image is a 4x4 latent grid, so 3 Haar levels are capped at 2
+    assert saved["applied"]["grid"] == [4, 4] and saved["applied"]["levels"] == 2
+    assert saved["applied"]["seeds"] == [0] and saved["applied"]["device"] == "cpu"
+    assert saved["command"].startswith(f"python -m stamp_lib pixart --model {folder} ")
+    assert "--seeds 1 " in saved["command"] and "--hadamard-seed 0 " in saved["command"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--height", "72"], "--height 72: must be a multiple of 16 (VAE factor 8 x patch 2)"),
+    (["--hp-tokens", "17"], "--hp-tokens 17: high-precision rows must be a whole number in [0, 16]"),
+    (["--block-size", "48"], "--block-size 48: must divide the input widths"),
+    (["--rank", "40"], "--rank 40: the low-rank branch must be a whole number in [0, 31]"),
+    (["--calib-prompts", "3"], "--calib-prompts 3: leaves no evaluation prompt of the 3"),
+])
+def test_cli_refuses_bad_input_with_one_line(tmp_path, capsys, argv, says):
+    """Arguments that depend on the checkpoint or the prompt file: exit 2, one line, nothing run."""
+    texts = ["a red apple", "two dogs", "a boat"]
+    folder = _save_with_text(tmp_path, sorted({w for t in texts for w in t.split()}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(texts) + "\n")
+    base = ["--model", str(folder), "--prompts", str(prompts), "--calib-prompts", "1", "--height", "64", "--width",
+            "64", "--steps", "1", "--hp-tokens", "4", "--rank", "4", "--dtype", "float32", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as e:
+        P.main(base + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_unk_tokenizer_checkpoint_is_refused(tmp_path):

@@ -36,6 +36,11 @@ Command line (one table cell)::
     python -m stamp_lib llm --model smollm2-135m --method quarot --weights gptq --stamp dwt --kv-bits 4 --windows 8
     python -m stamp_lib llm --model meta-llama/Meta-Llama-3-8B --device-map auto --method rtn --stamp dwt
 
+Bad arguments are refused before anything loads, with one line and exit status 2
+(:mod:`stamp_lib.experiments.cli`); ``--quiet`` prints only the result line. The results file
+records what ran (Haar levels, bits spent, device, dtype, torch threads) and ``command``, the
+exact command line (every option spelled out) that reruns the cell.
+
 The forward-speed benchmark is ``python -m stamp_lib bench llm``.
 
 Quantization is simulated (fake quantization in floating point).
@@ -44,8 +49,10 @@ Quantization is simulated (fake quantization in floating point).
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import math
-import sys
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +66,7 @@ from ..methods import LLM_BASELINES as METHODS
 from ..model import recipe as rcp
 from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
 from ..zoo import models, text
+from . import cli
 
 __all__ = ["METHODS", "LINEARS", "llm_recipe", "Eval", "evaluate", "paired", "eval_data", "load", "main"]
 
@@ -131,13 +139,16 @@ class Eval:
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, recipe: Recipe, prepared: rcp.Prepared | None = None, *,
-             calib=None, batch_size: int = 1, progress: bool = True) -> Eval:
-    """Per-window NLL of ``model`` under ``recipe`` (see :func:`stamp_lib.zoo.models.window_nll`)."""
+             calib=None, batch_size: int = 1, progress=True) -> Eval:
+    """Per-window NLL of ``model`` under ``recipe`` (see :func:`stamp_lib.zoo.models.window_nll`).
+
+    ``progress``: ``True`` shows a bar over the windows when stderr is a terminal, ``False`` none;
+    a tqdm bar is advanced by one per window instead (a caller's single bar for its whole run)."""
     hp = max([r.act.hp_tokens for r in recipe.rules if r.act] + [recipe.kv.hp_tokens if recipe.kv else 0])
     if hp > windows.shape[1]:
         raise ValueError(f"{hp} high-precision tokens do not fit windows of s={windows.shape[1]} tokens")
     t0 = time.perf_counter()
-    with rcp.apply(model, recipe, prepared, calib, progress=progress) as st:
+    with rcp.apply(model, recipe, prepared, calib, progress=progress is True) as st:
         nll = models.window_nll(model, windows, batch_size=batch_size, progress=progress)
     return Eval(nll=nll, knobs=recipe.knobs(), act_bits=st.average_bits("act"), kv_bits=st.average_bits("kv"),
                 seconds=time.perf_counter() - t0)
@@ -159,7 +170,7 @@ COLUMNS = ("none", "dwt", "dct")
 
 
 # The paper's Table 2 (W4A4KV4, WikiText-2 perplexity, 2048-token windows; without -> with STaMP),
-# as collected in shared/paper-notes.md. FlatQuant (learned transforms) is out of scope here.
+# (Federici et al., arXiv 2510.26771, Table 2). FlatQuant (learned transforms) is not reproduced here yet.
 PAPER_MODELS = ("Llama-3-8B", "Llama-3.2-1B-it", "Llama-3.2-3B-it", "Qwen-2.5-3B-it")
 PAPER_TABLE2 = {
     "fp": (6.14, 13.16, 11.27, 8.56),
@@ -203,7 +214,7 @@ def run_table(model, eval_windows: torch.Tensor, calib_windows: torch.Tensor | N
     fp = evaluate(model, eval_windows, llm_recipe("fp"), progress=False)
     cells = {}
     jobs = [(row, col) for row in rows for col in columns]
-    bar = tqdm(total=len(jobs), desc="table cells", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="table cells", disable=None if progress else True)  # off in a log file
     for row in rows:
         method, weights = row
         base = llm_recipe(method, weights=weights, **recipe_kw)
@@ -255,60 +266,202 @@ def load(name: str, device: str | None = None, device_map: str | None = None, dt
 
 
 # ----------------------------------------------------------------------------- command line
+PROG = "python -m stamp_lib llm"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stamp_lib llm", description=(
+    p = cli.Parser(prog=PROG, description=(
         "W4A4KV4 perplexity of one Table 2 cell (fake quantization). Prints the perplexity with its "
-        "spread over windows and writes a results file with every knob."))
+        "spread over windows and writes a results file with every knob, what was applied and the "
+        "command line that reruns the cell."))
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | gemma3-270m | local folder | HF id in the cache")
     p.add_argument("--method", default="rtn", choices=METHODS)
     p.add_argument("--weights", default="rtn", choices=rcp.WEIGHT_METHODS)
     p.add_argument("--stamp", default="none", choices=STAMPS, help="sequence transform (none = bit-matched baseline)")
     p.add_argument("--levels", type=int, default=None,
-                   help="Haar levels for --stamp dwt (default log2(seq_len / hp_tokens): 5 at 2048 / 64)")
-    p.add_argument("--a-bits", type=int, default=4)
-    p.add_argument("--w-bits", type=int, default=4)
-    p.add_argument("--kv-bits", type=int, default=4, help="0 leaves K/V in full precision")
+                   help="Haar levels for --stamp dwt, at most ceil(log2 seq_len) (default log2(seq_len / hp_tokens): "
+                        "5 at 2048 / 64)")
+    p.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..16")
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..16")
+    p.add_argument("--kv-bits", type=int, default=4, help="K/V bits, 2..16; 0 leaves K/V in full precision")
     p.add_argument("--kv-stamp", action="store_true", help="apply the sequence transform to K/V too")
-    p.add_argument("--hp-tokens", type=int, default=64)
-    p.add_argument("--hp-bits", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=8, help="evaluation windows")
-    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows (SmoothQuant, GPTQ)")
+    p.add_argument("--hp-tokens", type=int, default=64, help="high-precision (transformed) rows, 1..seq_len")
+    p.add_argument("--hp-bits", type=int, default=8, help="bits of the high-precision rows, 2..16")
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength, 0..1")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window, >= 2")
+    p.add_argument("--windows", type=int, default=8, help="evaluation windows, >= 1")
+    p.add_argument("--calib-windows", type=int, default=8,
+                   help="calibration windows (SmoothQuant, GPTQ need >= 1; unused by the other methods)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default=None, help="e.g. cuda")
-    p.add_argument("--device-map", default=None, help='e.g. "auto" for a large checkpoint on GPUs')
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cpu)")
+    p.add_argument("--device-map", default=None, help='e.g. "auto" for a large checkpoint on GPUs (needs accelerate)')
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="float16 is refused for Gemma (it overflows); use bfloat16 or float32")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; the record says how many)")
     p.add_argument("--out", default=None, help="results file (JSON); default data/results/llm/<model>-<recipe>.json")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no messages: only the result line")
     return p
 
 
+def _is_gemma(name: str) -> bool:
+    """Whether ``name`` (alias, folder or cached Hub id) is a Gemma model, from its config if local."""
+    if name.strip().lower().startswith("gemma"):
+        return True
+    cfg = _local_config(name)
+    return bool(cfg) and "gemma" in str(cfg.get("model_type", "")).lower()
+
+
+def _local_config(name: str) -> dict | None:
+    p = Path(name).expanduser()
+    path = p / "config.json" if p.is_dir() else None
+    if path is None and not p.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(name, "config.json")
+            path = Path(hit) if isinstance(hit, str) else None
+        except Exception:  # noqa: BLE001 - not a valid Hub id: not in the cache either
+            path = None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def validate(a: argparse.Namespace) -> None:
+    """Check parsed arguments before anything is loaded; raises :class:`~stamp_lib.experiments.cli.BadInput`
+    naming the argument, the allowed range and the fix."""
+    cli.whole(a.seq_len, "--seq-len", "tokens per window", lo=2)
+    cli.whole(a.windows, "--windows", "evaluation windows")
+    cli.whole(a.calib_windows, "--calib-windows", "calibration windows", lo=0)
+    cli.whole(a.batch_size, "--batch-size", "windows per forward")
+    cli.check_threads(a.threads)
+    cli.bits(a.a_bits, "--a-bits", "activation bits")
+    cli.bits(a.w_bits, "--w-bits", "weight bits")
+    cli.bits(a.kv_bits, "--kv-bits", "K/V bits", off="K/V in full precision")
+    cli.bits(a.hp_bits, "--hp-bits", "high-precision bits")
+    cli.whole(a.hp_tokens, "--hp-tokens", "high-precision tokens", lo=1, hi=a.seq_len,
+              hint=f" (at most the --seq-len {a.seq_len} tokens of a window)")
+    cli.fraction(a.alpha, "--alpha", "the SmoothQuant migration strength")
+    if a.method == "fp" and a.stamp != "none":
+        raise cli.BadInput(f"--method fp --stamp {a.stamp}", "fp quantizes nothing, so a sequence transform has no "
+                                                             "effect; drop --stamp or pick a quantized --method")
+    if a.levels is not None:
+        if a.stamp != "dwt":
+            raise cli.BadInput(f"--levels {a.levels}", f"Haar levels apply to --stamp dwt only (got --stamp {a.stamp}); "
+                                                       "drop --levels or pass --stamp dwt")
+        top = transforms.max_levels_1d(a.seq_len)
+        cli.whole(a.levels, "--levels", "Haar levels", lo=1, hi=top,
+                  hint=f" (a window of --seq-len {a.seq_len} tokens allows at most ceil(log2 {a.seq_len}) = {top}; "
+                       "a longer --seq-len allows more)")
+    if a.kv_stamp and (a.method == "fp" or a.stamp == "none" or not a.kv_bits):
+        raise cli.BadInput("--kv-stamp", "transforms quantized K/V, so it needs a quantized method, --stamp dwt|dct|wht "
+                                         "and --kv-bits > 0; drop --kv-stamp or add them")
+    if a.device is not None and a.device_map is not None:
+        raise cli.BadInput(f"--device {a.device} --device-map {a.device_map}",
+                           "give one of them: --device moves the whole model, --device-map spreads it over GPUs")
+    cli.check_device(a.device)
+    if a.device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise cli.BadInput(f"--device-map {a.device_map}", "needs the accelerate package; pip install accelerate, "
+                                                          "or use --device instead")
+    if a.dtype == "float16" and _is_gemma(a.model):
+        raise cli.BadInput(f"--model {a.model} --dtype float16", "Gemma's activations overflow float16 (the perplexity "
+                                                                 "turns NaN); pass --dtype bfloat16 or --dtype float32")
+    r = _cli_recipe(a)
+    if r.needs_calibration() and a.calib_windows < 1:
+        need = "SmoothQuant scales" if a.method == "smoothquant" else "GPTQ"
+        raise cli.BadInput(f"--calib-windows {a.calib_windows}", f"--method {a.method} --weights {a.weights} needs "
+                                                                 f"calibration windows ({need}); pass --calib-windows 1 or more")
+
+
+def _cli_recipe(a) -> Recipe:
+    try:
+        return llm_recipe(a.method, weights=a.weights, stamp=a.stamp, levels=a.levels, seq_len=a.seq_len,
+                          a_bits=a.a_bits, w_bits=a.w_bits, kv_bits=a.kv_bits or None, hp_tokens=a.hp_tokens,
+                          hp_bits=a.hp_bits, kv_stamp=a.kv_stamp, alpha=a.alpha)
+    except ValueError as e:  # pragma: no cover - validate() checks every knob first
+        raise cli.BadInput("arguments", str(e)) from None
+
+
+def check_inputs(a: argparse.Namespace) -> None:
+    """The model and the evaluation text are installed (nothing loaded yet); a :class:`cli.BadInput`
+    that says how to get them otherwise."""
+    key = a.model.strip().lower()
+    if key in models.ALIASES:
+        try:
+            models.gemma_part_paths() if key.startswith("gemma") else models.smollm2_gguf_path()
+        except models.ModelPackageMissing as e:
+            raise cli.BadInput(f"--model {a.model}", f"{e}; {cli.MODEL_PACKAGES_HINT}") from None
+    elif Path(a.model).expanduser().exists():
+        if not (Path(a.model).expanduser() / "config.json").is_file():
+            raise cli.BadInput(f"--model {a.model}", "is not a Hugging Face checkpoint folder (no config.json); pass a "
+                                                     f"folder written by save_pretrained, or one of {', '.join(sorted(models.ALIASES))}")
+    elif _local_config(a.model) is None:
+        raise cli.BadInput(f"--model {a.model}", f"is not a built-in name ({', '.join(sorted(models.ALIASES))}), not a "
+                                                 "local folder, and not in the local Hugging Face cache "
+                                                 f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); pass a "
+                                                 f"checkpoint folder, or `huggingface-cli download {a.model}` on a "
+                                                 "machine with network access and copy the cache here")
+    try:
+        text.wiki_path()
+    except text.TextDataMissing as e:
+        raise cli.BadInput("the evaluation text (Wikipedia dump inside gensim)", str(e)) from None
+
+
+def _windows(tok, articles, a, n: int, flag: str):
+    try:
+        return text.token_windows(tok, articles, a.seq_len, n)
+    except ValueError as e:
+        raise cli.BadInput(f"{flag} {n} --seq-len {a.seq_len}", f"{e}") from None
+
+
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = _parser().parse_args(argv)
-    r = llm_recipe(a.method, weights=a.weights, stamp=a.stamp, levels=a.levels, seq_len=a.seq_len, a_bits=a.a_bits,
-                   w_bits=a.w_bits,
-                   kv_bits=a.kv_bits or None, hp_tokens=a.hp_tokens, hp_bits=a.hp_bits, kv_stamp=a.kv_stamp,
-                   alpha=a.alpha)
-    if a.hp_tokens > a.seq_len:
-        raise SystemExit(f"--hp-tokens {a.hp_tokens} > --seq-len {a.seq_len}")
-    t0 = time.perf_counter()
-    model, tok = load(a.model, a.device, a.device_map, a.dtype)
-    ev, cal = eval_data(tok, a.seq_len, a.windows, a.calib_windows if r.needs_calibration() else 0)
-    dev = next(model.parameters()).device
-    prep = rcp.prepare(model, r, None if cal is None else cal.to(dev), progress=not a.no_progress)
-    res = evaluate(model, ev.to(dev), r, prep, batch_size=a.batch_size, progress=not a.no_progress)
+    p = _parser()
+    a = cli.parse(p, argv, validate)
+    quiet = a.quiet
+    with cli.guard(p, quiet=quiet), cli.torch_threads(a.threads):
+        check_inputs(a)
+        r = _cli_recipe(a)
+        t0 = time.perf_counter()
+        cli.hide_library_bars()
+        try:
+            model, tok = load(a.model, a.device, a.device_map, a.dtype)
+        except (models.ModelPackageMissing, models.ModelNotAvailable) as e:
+            raise cli.BadInput(f"--model {a.model}", f"{e}; {cli.MODEL_PACKAGES_HINT}") from None
+        n_cal = a.calib_windows if r.needs_calibration() else 0
+        calib_articles, eval_articles = text.wiki_split()
+        ev = _windows(tok, eval_articles, a, a.windows, "--windows")
+        cal = _windows(tok, calib_articles, a, n_cal, "--calib-windows") if n_cal else None
+        dev = next(model.parameters()).device
+        bar = cli.bar(a.windows, "prepare weights", quiet=quiet or a.no_progress)
+        prep = rcp.prepare(model, r, None if cal is None else cal.to(dev), progress=False)
+        bar.set_description("perplexity windows")
+        res = evaluate(model, ev.to(dev), r, prep, batch_size=a.batch_size, progress=bar)
+        bar.close()
+        facts = cli.run_facts(dev if a.device_map is None else f"device_map={a.device_map}", a.dtype)
     lo, hi = res.ppl_range()
     print(f"{a.model} {r.name} W{a.w_bits}A{a.a_bits}KV{a.kv_bits or 16}: perplexity {res.ppl:.4g} "
           f"(mean NLL {res.mean_nll:.4f} +- {res.se_nll:.4f} s.e. over {a.windows} windows of {a.seq_len} tokens; "
           f"exp(mean +- s.e.) = [{lo:.4g}, {hi:.4g}]); bits spent: activations {res.act_bits:.4f}, KV {res.kv_bits:.4f}")
+    act = next((rule.act for rule in r.rules if rule.act), None)
+    levels = act.levels if act is not None and act.transform == "dwt" else None
+    threads = facts["torch_threads"]
+    applied = {"levels": levels, "calib_windows": n_cal, "threads": threads,
+               "device": str(dev) if a.device_map is None else None}
     out = {"model": a.model, "recipe": r.knobs(), "eval": res.summary(), "seq_len": a.seq_len, "windows": a.windows,
-           "calib_windows": a.calib_windows if r.needs_calibration() else 0, "seed": 0, "dtype": a.dtype,
+           "calib_windows": n_cal, "dtype": a.dtype,
+           "applied": {"levels": levels, "max_levels": transforms.max_levels_1d(a.seq_len),
+                       "act_bits_spent": res.act_bits, "kv_bits_spent": res.kv_bits, **facts},
+           "seeds_drawn": [], "windows_drawn": f"the first {a.windows} (calibration: {n_cal}) windows of the "
+                                              "evaluation (calibration) split, no random draw",
+           "command": cli.command_line(p, a, applied=applied),
            "protocol": "non-overlapping windows of the evaluation split, tail dropped, mean token NLL, exp",
            "simulated": "fake quantization in floating point", "wall_s": round(time.perf_counter() - t0, 1)}
     path = Path(a.out) if a.out else results_dir() / "llm" / f"{a.model.replace('/', '_')}-{r.name.replace('/', '_').replace('+', '_')}.json"
-    write_json(path, out)
+    write_json(path, out, quiet=quiet)
     return out
 
 

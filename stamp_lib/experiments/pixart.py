@@ -49,12 +49,10 @@ Quantization is simulated (fake quantization in floating point).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,17 +60,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import metrics, stats
+from ..core import metrics, stats, transforms
 from ..core.io import results_dir, write_json
 from ..methods import FEATURE_OF
 from ..methods import IMAGE_BASELINES as METHODS
 from ..model import hooks
 from ..model import recipe as rcp
 from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
+from . import cli
 
 __all__ = ["IMAGE", "TEXT", "TIME", "roles", "pixart_recipe", "protocol_configs", "check_transformer",
            "quantized", "tiny_pipeline", "Prompts", "encode_prompts", "generate", "run_protocol",
-           "load_pipeline", "check_tokenizer", "read_prompts", "main"]
+           "load_pipeline", "check_tokenizer", "TokenizerBroken", "read_prompts", "main"]
 
 _B = r"transformer_blocks\.\d+\."
 IMAGE = tuple(re.compile(p) for p in (
@@ -331,9 +330,10 @@ def initial_latents(pipe, seed: int, height: int, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def calibration_inputs(pipe, prompts: Prompts, seeds, height: int, width: int, *, steps: int = 20,
-                       guidance_scale: float = 4.5, every: int = 4) -> list[dict]:
+                       guidance_scale: float = 4.5, every: int = 4, progress=None) -> list[dict]:
     """Transformer inputs (keyword dicts, every ``every``-th call) recorded during full-precision
-    generation of ``prompts``: calibration data for SmoothQuant scales."""
+    generation of ``prompts``: calibration data for SmoothQuant scales. ``progress``: a tqdm bar
+    advanced by one per generated image (a caller's single bar), or ``None``."""
     rec = []
     calls = [0]
 
@@ -350,28 +350,38 @@ def calibration_inputs(pipe, prompts: Prompts, seeds, height: int, width: int, *
             for s in seeds:
                 generate(pipe, prompts.take(i), initial_latents(pipe, s, height, width), steps=steps,
                          guidance_scale=guidance_scale, decode=False)
+                if progress is not None:
+                    progress.update()
     return rec
 
 
 def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0,), height: int, width: int,
-                 steps: int = 20, guidance_scale: float = 4.5, calib: list | None = None, progress: bool = True) -> dict:
+                 steps: int = 20, guidance_scale: float = 4.5, calib: list | None = None, progress=True) -> dict:
     """Figure 1 / Table 1 on ``pipe``: per configuration, the SQNR (dB) of every decoded image (and
     of its final latent) against full precision from the same prompt and latents, the bits spent,
-    and paired differences ``+stamp`` minus baseline. Returns a JSON-ready dict."""
-    from tqdm.auto import tqdm
+    and paired differences ``+stamp`` minus baseline. Returns a JSON-ready dict.
 
+    ``progress``: one bar over every generated image (``True``: shown when stderr is a terminal,
+    never in a log file; ``False``: none; a tqdm bar: advanced instead, the caller's single bar)."""
+    from tqdm.auto import tqdm
 
     tr = pipe.transformer
     check_transformer(tr)
     jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
+    outer = progress if hasattr(progress, "update") else None
+    bar = outer if outer is not None else tqdm(total=len(jobs) * (1 + len(configs)), desc="images",
+                                               disable=None if progress else True, leave=False)
     ref = {}
     t0 = time.perf_counter()
-    for i, s in tqdm(jobs, desc="full precision", disable=not progress, leave=False):
+    bar.set_description("full precision")
+    for i, s in jobs:
         ref[i, s] = generate(pipe, prompts.take(i), initial_latents(pipe, s, height, width), steps=steps,
                              guidance_scale=guidance_scale)
+        bar.update()
     fp_seconds = time.perf_counter() - t0
     preps, res = {}, {}
-    for name, r in tqdm(list(configs.items()), desc="configurations", disable=not progress, leave=False):
+    for name, r in configs.items():
+        bar.set_description(name)
         key = r.prep_key()
         if key not in preps:
             if r.needs_calibration() and calib is None:
@@ -385,11 +395,14 @@ def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0
                                     guidance_scale=guidance_scale)
                 img_sq.append(metrics.sqnr_db_per_sample(ref[i, s][1], img))
                 lat_sq.append(metrics.sqnr_db_per_sample(ref[i, s][0], lat))
+                bar.update()
         v = torch.cat(img_sq)
         mean, se = stats.mean_se(v)
         res[name] = {"sqnr_image_db": mean, "se_db": se, "per_image_db": v.tolist(), "sqnr_latent_db": float(torch.cat(lat_sq).mean()),
                      "act_bits": st.average_bits(), "seconds": round(time.perf_counter() - t0, 2),
                      "recipe": r.knobs()}
+    if outer is None:
+        bar.close()
     pairs = {}
     for name in res:
         if name.endswith(" +stamp") and name[: -len(" +stamp")] in res:
@@ -441,6 +454,10 @@ def _local_folder(model: str) -> Path:
     return folder
 
 
+class TokenizerBroken(RuntimeError):
+    """A tokenizer that maps ordinary words to the unknown token (:func:`check_tokenizer`)."""
+
+
 def check_tokenizer(tokenizer, probe: str = "a red apple on a wooden table") -> None:
     """Refuse a tokenizer that maps ordinary words to the unknown token (a T5 tokenizer loaded
     without its sentencepiece model does): every prompt would condition on ``<unk>``."""
@@ -451,7 +468,7 @@ def check_tokenizer(tokenizer, probe: str = "a red apple on a wooden table") -> 
     unk = getattr(tokenizer, "unk_token_id", None)
     words = [i for i in ids if i not in special or i == unk]
     if not words or (unk is not None and all(i == unk for i in words)):
-        raise RuntimeError(f"the tokenizer ({type(tokenizer).__name__}) maps every word of {probe!r} to the unknown "
+        raise TokenizerBroken(f"the tokenizer ({type(tokenizer).__name__}) maps every word of {probe!r} to the unknown "
                            f"token (ids {ids}): its vocabulary did not load. Install sentencepiece and protobuf, "
                            "or check the tokenizer/ folder of the checkpoint (spiece.model)")
 
@@ -487,51 +504,130 @@ def read_prompts(path) -> list[str]:
     return out
 
 
+PROG = "python -m stamp_lib pixart"
+LEVELS = 3  # pixart_recipe's 2-D Haar levels (capped at run time by the latent grid; the record says what ran)
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m stamp_lib pixart", description=(
+    p = cli.Parser(prog=PROG, description=(
         "Figure 1 and Table 1 of STaMP on PixArt-Sigma: SQNR of quantized images against full precision "
         "(same prompts and latents), without and with STaMP, paired. Needs the checkpoint locally."))
     p.add_argument("--model", default="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", help="HF id (local cache) or folder")
-    p.add_argument("--prompts", default="data/prompts/pixart_prompts.txt")
+    p.add_argument("--prompts", default="data/prompts/pixart_prompts.txt", help="text file, one prompt a line")
     p.add_argument("--n-prompts", type=int, default=0, help="evaluation prompts (0: all but the calibration ones)")
-    p.add_argument("--calib-prompts", type=int, default=4, help="the last N prompts calibrate SmoothQuant")
-    p.add_argument("--seeds", type=int, default=1, help="initial latents per prompt")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.5)
-    p.add_argument("--hp-tokens", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=64, help="0: per-token activation ranges")
-    p.add_argument("--rank", type=int, default=32, help="SVDQuant-style low-rank branch")
+    p.add_argument("--calib-prompts", type=int, default=4, help="the last N prompts calibrate SmoothQuant, >= 1")
+    p.add_argument("--seeds", type=int, default=1, help="initial latents per prompt (seeds 0..N-1), >= 1")
+    p.add_argument("--height", type=int, default=1024, help="pixels, a multiple of VAE factor x patch size (16)")
+    p.add_argument("--width", type=int, default=1024, help="pixels, a multiple of VAE factor x patch size (16)")
+    p.add_argument("--steps", type=int, default=20, help=">= 1")
+    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale, >= 0")
+    p.add_argument("--hp-tokens", type=int, default=64, help="high-precision rows, at most the latent grid's tokens")
+    p.add_argument("--block-size", type=int, default=64, help="0: per-token activation ranges; else divides the width")
+    p.add_argument("--rank", type=int, default=32, help="SVDQuant-style low-rank branch, below the narrowest layer")
     p.add_argument("--hadamard-seed", type=int, default=0, help="QuaRot's random signs; -1: plain Hadamard")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cpu)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; the record says how many)")
     p.add_argument("--out", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no messages: only the result lines")
     return p
 
 
-def main(argv=None) -> dict:
-    a = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    texts = read_prompts(a.prompts)
+def validate(a) -> None:
+    """Check the parsed arguments (nothing read or loaded); raises ``cli.BadInput``."""
+    cli.whole(a.n_prompts, "--n-prompts", "evaluation prompts", lo=0, hint=" (0: all but the calibration ones)")
+    cli.whole(a.calib_prompts, "--calib-prompts", "calibration prompts (SVDQuant-style smoothing needs them)")
+    cli.whole(a.seeds, "--seeds", "initial latents per prompt")
+    cli.whole(a.height, "--height", "the image height in pixels")
+    cli.whole(a.width, "--width", "the image width in pixels")
+    cli.whole(a.steps, "--steps", "sampler steps")
+    cli.fraction(a.guidance, "--guidance", "the guidance scale", 0.0, 100.0, example=4.5)
+    cli.whole(a.hp_tokens, "--hp-tokens", "high-precision rows", lo=0)
+    cli.whole(a.block_size, "--block-size", "the activation block size", lo=0, hint=" (0: per token)")
+    cli.whole(a.rank, "--rank", "the low-rank branch", lo=0)
+    cli.whole(a.hadamard_seed, "--hadamard-seed", "the Hadamard sign seed", lo=-1, hint=" (-1: plain Hadamard)")
+    cli.check_threads(a.threads)
+    cli.check_device(a.device)
+
+
+def check_inputs(a) -> tuple[list[str], list[str]]:
+    """``(evaluation prompts, calibration prompts)`` from the prompt file, checked against the counts."""
+    cli.check_file(a.prompts, "--prompts", "prompt file", "pass a text file with one prompt a line (the default "
+                   "data/prompts/pixart_prompts.txt is found from the repository root)")
+    try:
+        texts = read_prompts(a.prompts)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise cli.BadInput(f"--prompts {a.prompts}", f"{e}; write one prompt a line, # for comments") from None
     if a.calib_prompts >= len(texts):
-        raise SystemExit(f"--calib-prompts {a.calib_prompts} leaves no evaluation prompt of {len(texts)}")
+        raise cli.BadInput(f"--calib-prompts {a.calib_prompts}", f"leaves no evaluation prompt of the {len(texts)} in "
+                                                                 f"{a.prompts}; pass --calib-prompts {len(texts) - 1} or less")
     ev_t, cal_t = texts[: len(texts) - a.calib_prompts], texts[len(texts) - a.calib_prompts:]
-    if a.n_prompts:
-        ev_t = ev_t[: a.n_prompts]
-    pipe = load_pipeline(a.model, dtype=a.dtype, device=a.device)
-    ev, cal = encode_prompts(pipe, ev_t), encode_prompts(pipe, cal_t)
-    configs = protocol_configs(a.hp_tokens, a.block_size or None, a.rank,
-                               None if a.hadamard_seed < 0 else a.hadamard_seed)
-    calib = calibration_inputs(pipe, cal, (1000,), a.height, a.width, steps=a.steps, guidance_scale=a.guidance)
-    out = run_protocol(pipe, ev, configs, seeds=tuple(range(a.seeds)), height=a.height, width=a.width, steps=a.steps,
-                       guidance_scale=a.guidance, calib=calib)
-    out.update(model=a.model, dtype=a.dtype, prompts_file=a.prompts, n_calib_prompts=len(cal_t))
+    if a.n_prompts > len(ev_t):
+        raise cli.BadInput(f"--n-prompts {a.n_prompts}", f"{a.prompts} holds {len(ev_t)} evaluation prompts after the "
+                                                         f"{a.calib_prompts} calibration ones; pass --n-prompts "
+                                                         f"{len(ev_t)} or less (0: all)")
+    return (ev_t[: a.n_prompts] if a.n_prompts else ev_t), cal_t
+
+
+def check_pipeline(pipe, a) -> dict:
+    """The arguments that depend on the checkpoint (image size, rows, block size, rank); returns
+    ``{"grid": (h, w), "levels": applied Haar levels}``."""
+    tr = pipe.transformer
+    step = pipe.vae_scale_factor * int(tr.config.patch_size)
+    for flag, v in (("--height", a.height), ("--width", a.width)):
+        if v % step:
+            lo = max(step, v // step * step)
+            raise cli.BadInput(f"{flag} {v}", f"must be a multiple of {step} (VAE factor {pipe.vae_scale_factor} x "
+                                              f"patch {tr.config.patch_size}) for this checkpoint; pass {flag} {lo} "
+                                              f"or {lo + step}")
+    grid = (a.height // step, a.width // step)
+    cli.whole(a.hp_tokens, "--hp-tokens", "high-precision rows", lo=0, hi=grid[0] * grid[1],
+              hint=f" (the {grid[0]}x{grid[1]} latent grid of {a.height}x{a.width} px has {grid[0] * grid[1]} tokens)")
+    lin = [m for n, m in tr.named_modules() if isinstance(m, nn.Linear) and n in roles(tr)]
+    widths = sorted({m.in_features for m in lin})
+    if a.block_size and any(w % a.block_size for w in widths):
+        raise cli.BadInput(f"--block-size {a.block_size}", f"must divide the input widths {widths} of the transformer's "
+                                                           "linear layers; pass 0 (per token) or a common divisor such "
+                                                           "as 64")
+    top = min(min(m.in_features, m.out_features) for m in lin) - 1
+    cli.whole(a.rank, "--rank", "the low-rank branch", lo=0, hi=top,
+              hint=f" (below the narrowest linear layer of this checkpoint, {top + 1})")
+    levels = min(LEVELS, *(transforms.max_levels_1d(g) for g in grid))
+    return {"grid": list(grid), "levels": levels}
+
+
+def main(argv=None) -> dict:
+    p = _parser()
+    a = cli.parse(p, argv, validate)
+    with cli.guard(p, quiet=a.quiet), cli.torch_threads(a.threads):
+        ev_t, cal_t = check_inputs(a)
+        cli.hide_library_bars()
+        try:
+            pipe = load_pipeline(a.model, dtype=a.dtype, device=a.device)
+        except (FileNotFoundError, TokenizerBroken) as e:
+            raise cli.BadInput(f"--model {a.model}", str(e)) from None
+        applied = check_pipeline(pipe, a)
+        ev, cal = encode_prompts(pipe, ev_t), encode_prompts(pipe, cal_t)
+        configs = protocol_configs(a.hp_tokens, a.block_size or None, a.rank,
+                                   None if a.hadamard_seed < 0 else a.hadamard_seed)
+        seeds = tuple(range(a.seeds))
+        bar = cli.bar(len(cal_t) + len(ev_t) * len(seeds) * (1 + len(configs)), "calibration", quiet=a.quiet)
+        calib = calibration_inputs(pipe, cal, (1000,), a.height, a.width, steps=a.steps, guidance_scale=a.guidance,
+                                   progress=bar)
+        out = run_protocol(pipe, ev, configs, seeds=seeds, height=a.height, width=a.width, steps=a.steps,
+                           guidance_scale=a.guidance, calib=calib, progress=bar)
+        bar.close()
+        facts = cli.run_facts(pipe._execution_device, a.dtype)
+    out.update(model=a.model, dtype=a.dtype, prompts_file=a.prompts, n_calib_prompts=len(cal_t),
+               applied={**applied, "seeds": list(seeds), "calibration_seed": 1000, "n_eval_prompts": len(ev_t),
+                        "act_bits": {k: r["act_bits"] for k, r in out["configs"].items()}, **facts},
+               command=cli.command_line(p, a, applied={"threads": facts["torch_threads"], "device": facts["device"]}))
     for k, r in out["configs"].items():
         pr = out["paired"].get(k)
         extra = f"   paired {pr['delta_db']:+.2f} +- {pr['se_db']:.2f} ({pr['wins']}/{pr['n']})" if pr else ""
         print(f"{k:24s} SQNR {r['sqnr_image_db']:6.2f} dB +- {r['se_db']:.2f}  bits {r['act_bits']:.4f}{extra}")
     path = Path(a.out) if a.out else results_dir() / "pixart" / f"{Path(a.model).name}.json"
-    write_json(path, out)
+    write_json(path, out, quiet=a.quiet)
     return out
 
 

@@ -309,11 +309,13 @@ def load_causal_lm(name_or_path: str, dtype=torch.float32, device_map=None):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> torch.Tensor:
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress=True) -> torch.Tensor:
     """Mean next-token negative log-likelihood (nats) of each window, float64, shape (n,).
 
     ``windows`` is a LongTensor (n, s) of token ids; each window is scored on its own (no context
-    carried over), over its s-1 next-token predictions."""
+    carried over), over its s-1 next-token predictions. ``progress``: ``True`` shows a bar over the
+    windows when stderr is a terminal (never in a log file), ``False`` none; a tqdm bar (anything
+    with ``update``) is advanced by one per window instead, so that a caller's run keeps one bar."""
     from tqdm.auto import tqdm
 
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
@@ -321,12 +323,20 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     if windows.shape[1] < 2:
         raise ValueError(f"windows need at least 2 tokens, got s={windows.shape[1]}")
     dev = next(model.parameters()).device
+    outer = progress if hasattr(progress, "update") else None
+    bar = outer if outer is not None else tqdm(total=len(windows), desc="nll", unit="window",
+                                               disable=None if progress else True, leave=False)
     out = []
-    for i in tqdm(range(0, len(windows), batch_size), desc="nll", disable=not progress, leave=False):
-        ids = windows[i:i + batch_size].to(dev)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        out.append(nll.double().mean(1).cpu())
+    try:
+        for i in range(0, len(windows), batch_size):
+            ids = windows[i:i + batch_size].to(dev)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            out.append(nll.double().mean(1).cpu())
+            bar.update(len(ids))
+    finally:
+        if outer is None:
+            bar.close()
     return torch.cat(out)
 
 
