@@ -20,8 +20,8 @@ class Claim:
 
     ``title``: a few words, used in tables. ``claim``: the claim in one or two sentences (MyST
     Markdown; maths in ``$...$``). ``where``: the paper's figure, table or section. ``paper``:
-    the paper's number(s) for it, or what the paper says when it gives none (from
-    ``shared/paper-notes.md``; never a number the paper does not state). ``chapters``: the
+    the paper's number(s) for it, or what the paper says when it gives none (its figures,
+    tables and text, arXiv 2510.26771; never a number the paper does not state). ``chapters``: the
     notebooks expected to test it.
     """
 

@@ -299,7 +299,7 @@ def llm_sequence_stats(model, calib_windows: torch.Tensor, eval_windows: torch.T
         base["dwt (token 0 apart)"] = TokenApart(transforms.build("dwt", levels=levels))
     out, aliases = {}, {}
     chunks = [layers[i:i + chunk_layers] for i in range(0, len(layers), chunk_layers)]
-    for chunk in tqdm(chunks, desc="layer chunks", disable=not progress or len(chunks) == 1):
+    for chunk in tqdm(chunks, desc="layer chunks", disable=None if progress and len(chunks) > 1 else True):
         pats = [f"*layers.{i}.*" for i in chunk]
         mods = hooks.select_modules(model, pats)
         last = mods[list(mods)[-1]]
@@ -310,7 +310,7 @@ def llm_sequence_stats(model, calib_windows: torch.Tensor, eval_windows: torch.T
             cap = capture.capture_inputs(model, eval_windows, pats, keep=True, forward=_run_until_stop,
                                          progress=progress)
         aliases.update(cap.aliases)
-        for name in tqdm(list(cap.acts), desc="measure", leave=False, disable=not progress):
+        for name in tqdm(list(cap.acts), desc="measure", leave=False, disable=None if progress else True):
             X = cap.acts.pop(name)
             out[name] = _module_result(
                 name, layer_index(name), llama_layer_type(name), X, acal.sums.pop(name), len(calib_windows),
