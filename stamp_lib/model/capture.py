@@ -169,7 +169,8 @@ class ActivationStore:
         try:
             index = json.loads((path / "index.json").read_text())
         except (OSError, ValueError):
-            raise FileNotFoundError(f"{path} has no index.json: not an activation store, or an interrupted capture") from None
+            raise FileNotFoundError(f"{path} has no index.json: not an activation store, "
+                                    "or an interrupted capture") from None
         if index.get("format") != STORE_FORMAT:
             raise ValueError(f"{path}: store format {index.get('format')} != {STORE_FORMAT}")
         self = cls.__new__(cls)
@@ -256,7 +257,10 @@ def capture_inputs(model: nn.Module, inputs, patterns="*", *, batch_size: int = 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     names = list(select_modules(model, patterns, types))
-    keep_set = set(names) if keep is True else set() if keep is False else set(select_modules(model, keep, types)) & set(names)
+    if keep is True or keep is False:
+        keep_set = set(names) if keep else set()
+    else:
+        keep_set = set(select_modules(model, keep, types)) & set(names)
     reducers = [] if reduce is None else [reduce] if callable(reduce) else list(reduce)
     dtype = store_dtype
     store = ActivationStore(out_dir, dtype or next(model.parameters()).dtype) if out_dir is not None else None

@@ -19,7 +19,8 @@ Contract
   ``x``, else the only tensor keyword. It calls ``fn(name, module, x)``; a returned tensor replaces
   the input (in the same positional or keyword slot), ``None`` leaves it. Any exception raised in
   ``fn`` is re-raised with the module's name in front of its message, as the same exception type
-  where it can be rebuilt from a message, else as :class:`HookError` (the original is chained), so an error deep in a forward names its layer.
+  where it can be rebuilt from a message, else as :class:`HookError` (the original is chained), so an
+  error deep in a forward names its layer.
 """
 
 from __future__ import annotations

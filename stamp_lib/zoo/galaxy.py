@@ -467,7 +467,8 @@ def sample(
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"{method} sampler, {steps} steps", leave=False, disable=None)  # no bar when stderr is not a terminal
+        it = tqdm(it, desc=f"{method} sampler, {steps} steps", leave=False,
+                  disable=None)  # no bar when stderr is not a terminal
     for i in it:
         h = sig[i + 1] - sig[i]
         k1 = slope(x, i)

