@@ -242,3 +242,85 @@ def test_quant_errors_name_the_problem():
         quant.optimal_bits(torch.ones(4), 20)
     with pytest.raises(ValueError, match="non-negative"):
         quant.optimal_bits(torch.tensor([1.0, -1.0]), 4)
+
+
+# --- the fused per-call path ----------------------------------------------------------------
+def _awkward_rows(dtype, s=24, d=32, seed=0):
+    """Rows a quantizer can get wrong: constant, all zero, one spike, tiny, huge, negative."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(3, s, d, generator=g, dtype=dtype) * torch.rand(3, s, 1, generator=g, dtype=dtype) * 10
+    X[0, 0] = 1.5
+    X[0, 1] = 0.0
+    X[1, 2, 5] = 1e4
+    X[1, 3] *= 1e-6
+    X[2, 4] *= 1e5
+    X[2, 5] = -X[2, 5].abs()
+    X[2, 6, :8] = -2.0  # a constant block at block_size 8
+    return X
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("block", [None, 8])
+def test_fused_fake_quant_equals_the_unfused_path(monkeypatch, dtype, symmetric, block):
+    """The fused path (two reductions, in-place passes, no clamp and no where) against the
+    unfused one (the grid, then seven fresh tensors), every width from 2 to 16 bits."""
+    X = _awkward_rows(dtype)
+    b = torch.arange(24).remainder(15).add(2).to(dtype).view(24, 1, 1)
+    fused = quant._fake_quant(X, b, symmetric=symmetric, block_size=block)
+    monkeypatch.setattr(quant, "_FUSED", False)
+    unfused = quant._fake_quant(X, b, symmetric=symmetric, block_size=block)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(fused, unfused, rtol=tol, atol=tol)
+    assert torch.equal(fused[0, 0], X[0, 0]) and torch.equal(fused[0, 1], X[0, 1])  # zero range: kept
+    # NaN propagates the same way on both paths
+    Xn = X.clone()
+    Xn[1, 7, 3] = float("nan")
+    monkeypatch.setattr(quant, "_FUSED", True)
+    fn = quant._fake_quant(Xn, b, symmetric=symmetric, block_size=block)
+    monkeypatch.setattr(quant, "_FUSED", False)
+    un = quant._fake_quant(Xn, b, symmetric=symmetric, block_size=block)
+    torch.testing.assert_close(fn, un, rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("kw", [{}, {"symmetric": True}, {"block_size": 8}, {"clip_ratio": 0.9},
+                                {"round_zero_point": True}])
+def test_power_of_two_row_scales_ride_on_the_quantizer(kw):
+    """``out_scale`` (powers of two per row) returns ``scale * Q(X)`` on every path, and ``inplace``
+    works in X's memory with the same result."""
+    X = _awkward_rows(torch.float32)
+    b = torch.full((24, 1, 1), 5.0)
+    sc = (2.0 ** -torch.arange(24).remainder(4)).view(24, 1)
+    want = sc * quant._fake_quant(X, b, **kw)
+    torch.testing.assert_close(quant._fake_quant(X, b, out_scale=sc, **kw), want, rtol=1e-6, atol=1e-6)
+    Xc = X.clone()
+    got = quant._fake_quant(Xc, b, out_scale=sc, inplace=True, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid, levels", [((16, 16), 3), ((8, 4), 2), ((6, 6), 1), ((5, 6), 1), ((12, 12), 3)])
+@pytest.mark.parametrize("kw", [{}, {"symmetric": True}, {"block_size": 4}, {"clip_ratio": 0.9}])
+def test_per_call_stamp_equals_the_public_operator(grid, levels, kw):
+    """The per-call STaMP (``validate=False``: unscaled Haar butterflies with the row scales folded
+    into the quantizer, a workspace, and with ``overwrite`` the caller's buffer) equals the public
+    L^-1 Q(L X) computed step by step; results never alias the workspace."""
+    T = transforms.build("dwt", grid=grid, levels=levels)
+    s = grid[0] * grid[1]
+    X = torch.randn(2, s, 8, generator=torch.Generator().manual_seed(s)) * 3
+    bits = quant.two_level_bits(s, min(4, s), 8, 4)
+    b = bits.float().view(s, 1, 1)
+    want = T.inverse(quant.fake_quant(T.forward(X), bits, **kw))
+    public = quant.stamp_fake_quant(X, T, bits, **kw)
+    fast = quant.stamp_fake_quant(X, T, b, validate=False, **kw)
+    fast_copy = fast.clone()
+    Xc = X.clone()
+    over = quant.stamp_fake_quant(Xc, T, b, validate=False, overwrite=True, **kw)
+    for got in (public, fast, over):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    quant.stamp_fake_quant(torch.randn_like(X), T, b, validate=False, **kw)  # reuses the workspace
+    assert torch.equal(fast, fast_copy)
+    big = torch.randn(4, s, 1024)  # > 1 MiB: the workspace path
+    r1 = quant.stamp_fake_quant(big, T, b, validate=False, **kw)
+    r1c = r1.clone()
+    quant.stamp_fake_quant(torch.randn_like(big), T, b, validate=False, **kw)
+    assert torch.equal(r1, r1c)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -87,7 +89,7 @@ def test_other_settings_are_validated_when_built():
 
 def test_settings_are_frozen_and_bits_follow_absolute_positions():
     a = ActQuant(bits="64x8+4", transform="dwt")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         a.bits = 4  # frozen: no stale caches can follow a change
     assert a.bits_vector(100).tolist() == [8] * 64 + [4] * 36
     assert a.bits_vector(10).tolist() == [8] * 10  # a short prompt: every position is < 64
@@ -174,19 +176,19 @@ def test_quantization_happens_in_the_rotated_basis():
 def test_shared_inputs_are_quantized_once_and_counted_per_layer():
     model = tiny_llama()
     calls = []
-    orig = recipe.Applied.quantize
+    orig = recipe.Applied._quantize  # what the hooks call (quantize() plus the rotated input)
 
     def spy(self, spec, x, offset, feature=None):
         calls.append(x.shape)
         return orig(self, spec, x, offset, feature)
 
     r = Recipe(Rule(LAYERS, act=ActQuant(bits="8x8+4", transform="dct")))
-    recipe.Applied.quantize = spy
+    recipe.Applied._quantize = spy
     try:
         with recipe.apply(model, r) as st, torch.no_grad():
             model(IDS)
     finally:
-        recipe.Applied.quantize = orig
+        recipe.Applied._quantize = orig
     # per layer: q/k/v once, o once, gate/up once, down once
     assert len(calls) == 4 * 2
     assert len(st.stats) == 7 * 2
@@ -220,9 +222,12 @@ def test_errors_inside_hooks_name_the_layer():
     lin = model.model.layers[0].self_attn.o_proj
     h = lin.register_forward_pre_hook(lambda m, a: (a[0] * float("nan"),))
     try:
-        with recipe.apply(model, Recipe(Rule("*.o_proj", act=ActQuant(bits=4)))), pytest.raises(
+        with recipe.apply(model, Recipe(Rule("*.o_proj", act=ActQuant(bits=4))), check_finite=True), pytest.raises(
                 ValueError, match=r"model\.layers\.0\.self_attn\.o_proj: .*NaN"):
             model(IDS)
+        # the check is opt-in: by default the NaN goes through, as in the unquantized model
+        with recipe.apply(model, Recipe(Rule("*.o_proj", act=ActQuant(bits=4)))), torch.no_grad():
+            assert torch.isnan(model(IDS).logits).all()
     finally:
         h.remove()
     # WHT on a non-power-of-two length: an error naming the layer and the problem
@@ -413,3 +418,198 @@ def test_per_call_path_makes_no_host_syncs(monkeypatch):
     st2.quantize(specs[0], x, 0)
     monkeypatch.undo()
     assert "bool" in seen
+
+
+# ----------------------------------------------------------------------------- the per-call path
+def test_bit_vectors_follow_positions_and_decoding_steps_hit_the_cache():
+    spec = ActQuant(bits="4x8+4")
+    x = torch.zeros(1, 1)
+    st = recipe.Applied(Recipe(()))
+    for s, off in [(10, 0), (3, 2), (1, 3), (1, 4), (1, 100), (6, 1), (200, 0), (5, 300), (1, 0)]:
+        b, n = st._bits_for(spec, s, off, x)
+        want = spec.bits_vector(s, off)
+        assert b.shape == (s, 1, 1) and b.view(-1).tolist() == want.tolist() and n == int(want.sum())
+    # one new token per step beyond the high-precision rows: one entry, the template is not rebuilt
+    st = recipe.Applied(Recipe(()))
+    st._bits_for(spec, 1, 4, x)
+    entries, templates = dict(st._bits), dict(st._templates)
+    for off in range(5, 300):
+        st._bits_for(spec, 1, off, x)
+    assert st._bits.keys() == entries.keys() and all(st._templates[k] is t for k, t in templates.items())
+    # through generate: a prefill and every decoding step past the 8 high-precision rows share two entries
+    model = tiny_llama()
+    r = Recipe(Rule(LAYERS, act=ActQuant(bits="8x8+4"), weight=WeightQuant(bits=4)))
+    with recipe.apply(model, r) as st, torch.no_grad():
+        model.generate(IDS[:1, :12], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert len(st._bits) == 2 and len(st._templates) == 1
+    # K/V: every step sees one more cached token (a new length), sliced from the same template
+    rkv = Recipe(Rule(LAYERS, act=ActQuant(bits="8x8+4"), weight=WeightQuant(bits=4)), kv=ActQuant(bits="8x8+4"))
+    with recipe.apply(model, rkv) as st, torch.no_grad():
+        model.generate(IDS[:1, :12], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert len(st._templates) == 1 and st.average_bits("kv") > 4
+
+
+def test_positions_are_read_without_host_syncs_where_possible():
+    """The position of a forward: a CPU cache_position (free), else the cache's host-side length;
+    a device tensor is read back only when nothing else tells, and not at all without
+    high-precision rows. A meta tensor stands for a GPU one: reading it back raises."""
+
+    class HostLength:  # DynamicCache keeps its length as a Python int
+        def get_seq_length(self):
+            return 7
+
+    class DeviceLength:  # a static cache's length is a tensor
+        def get_seq_length(self):
+            return torch.tensor(5)
+
+    on_device = torch.arange(3, device="meta") + 7
+    assert recipe._offset_from((), {"cache_position": on_device, "cache": HostLength()}) == 7
+    assert recipe._offset_from((), {"cache_position": on_device, "past_key_values": HostLength()}) == 7
+    assert recipe._offset_from((), {"cache_position": on_device}, need=False) == 0
+    assert recipe._offset_from((), {"cache_position": torch.arange(5, 9), "cache": HostLength()}) == 5
+    assert recipe._offset_from((), {"cache": DeviceLength()}) == 5
+    assert recipe._offset_from((), {}) == 0
+    with pytest.raises(RuntimeError, match="meta"):  # the one case that must read the device back
+        recipe._offset_from((), {"cache_position": on_device})
+    assert recipe.Applied(Recipe(Rule("*", act=ActQuant(bits=4)))).hp_max == 0
+    assert recipe.Applied(Recipe(Rule("*", act=ActQuant(bits="16x8+4")))).hp_max == 16
+
+
+def test_no_finiteness_check_inside_the_model_unless_asked(monkeypatch):
+    model = Toy()
+    x = torch.randn(2, 8, 16)
+    r = Recipe(Rule("*", act=ActQuant(bits="2x8+4", transform="dwt")), kv=None)
+    calls = []
+    orig = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: (calls.append(t.shape), orig(t))[1])
+    for cf in (False, None):
+        with recipe.apply(model, r, check_finite=cf), torch.no_grad():
+            model(x)
+    assert calls == []
+    with recipe.apply(model, r, check_finite=True), torch.no_grad():
+        model(x)
+    assert calls  # the check is opt-in, and real
+
+
+def test_feature_transform_runs_once_per_layer_call_and_lowrank_reads_x(monkeypatch):
+    """One x R per layer call: the quantizer computes it; the low-rank branch reads x through
+    B R^T (folded once per apply), equal to the previous path that computed x R again for it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24))
+    x = torch.randn(2, 16, 32)
+    b = model[0].bias.detach()
+    for feature, seed in (("hadamard", 1), ("smoothquant", None)):
+        r = Recipe(Rule("0", act=ActQuant(bits=4), weight=WeightQuant(bits=4, lowrank=4), feature=feature,
+                        hadamard_seed=seed))
+        prep = recipe.prepare(model, r, calib=x if feature == "smoothquant" else None, progress=False)
+        F = prep.features["0"]
+        calls = []
+        plain = F.forward
+
+        def counted(t, plain=plain):
+            calls.append(1)
+            return plain(t)
+
+        monkeypatch.setattr(F, "forward", counted)
+        with recipe.apply(model, r, prep), torch.no_grad():
+            got = [model(x), model(x)]
+        assert len(calls) == 2  # once per layer call (the previous path: twice)
+        monkeypatch.setattr(recipe, "_LEGACY", True)
+        with recipe.apply(model, r, prep), torch.no_grad():
+            previous = model(x)
+        monkeypatch.setattr(recipe, "_LEGACY", False)
+        monkeypatch.delattr(F, "forward")
+        A, B = prep.lowrank["0"]
+        xr = F.forward(x)
+        want = quant.fake_quant(xr, 4) @ prep.weights["0"].T + b + xr @ (A @ B).T
+        for y in (*got, previous):
+            torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_callers_input_is_never_overwritten(dtype):
+    """The quantizer works in the memory of tensors of its own (x R, a float32 copy), never in the
+    layer's input: every tensor the model passed to a layer is unchanged afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)).to(dtype)
+    x = torch.randn(2, 16, 32).to(dtype)
+    passed = {}
+
+    def keep(module, args):  # registered before apply(): sees what the model passes
+        passed[module] = (args[0], args[0].clone())
+
+    handles = [m.register_forward_pre_hook(keep) for m in model]
+    try:
+        for feature in (None, "hadamard"):
+            r = Recipe(Rule("*", act=ActQuant(bits="4x8+4", transform="dwt", grid=(4, 4)), feature=feature))
+            prep = recipe.prepare(model, r, progress=False)
+            with recipe.apply(model, r, prep), torch.no_grad():
+                y = model(x)
+            assert len(passed) == 2
+            for m, (t, before) in passed.items():
+                assert torch.equal(t, before), (feature, m)
+            with recipe.apply(model, r, prep, observe=lambda *a: None), torch.no_grad():
+                y_keep = model(x)  # an observer keeps x R: the quantizer works in a buffer of its own
+            torch.testing.assert_close(y, y_keep, rtol=1e-6, atol=1e-6)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_feature_matrices_are_converted_once_per_dtype(monkeypatch):
+    """CUDA-free: count the conversions of R (and of SmoothQuant's r) over many calls."""
+    d = 16
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    rot = features.Rotation(Q)
+    sc = features.Scale(torch.rand(d, dtype=torch.float64) + 0.5)
+    had = features.hadamard_rotation(d, seed=2)
+    had.R  # noqa: B018 - build the dense twin before counting
+    sources = lambda: (rot.R, sc.r, had.R)  # noqa: E731
+    seen = []
+    orig = torch.Tensor.to
+
+    def spy(self, *a, **k):
+        if any(self is t for t in sources()):
+            seen.append(self.dtype)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    x32 = torch.randn(3, 5, d)
+    x64 = x32.double()
+
+    def calls(x):
+        for _ in range(4):
+            rot.forward(x), rot.inverse(x), rot.fold_weight(x[0]), rot.fold_reader(x[0])
+            sc.forward(x), sc.inverse(x), sc.fold_weight(x[0]), sc.fold_reader(x[0])
+            had.forward_dense(x), had.inverse_dense(x)
+
+    calls(x32)
+    assert len(seen) == 3  # R, r and the Hadamard matrix: once each into float32
+    calls(x64)
+    assert len(seen) == 6  # once more each for float64
+    rot.R = Q.flip(0)  # a new matrix starts a new cache
+    calls(x32)
+    assert len(seen) == 7
+    monkeypatch.setattr(features, "_CACHE", False)  # the previous path converts on every call
+    calls(x32)
+    assert len(seen) > 7 + 8
+    monkeypatch.undo()
+    torch.testing.assert_close(rot.forward(x32), x32 @ Q.flip(0).float())
+    torch.testing.assert_close(sc.fold_reader(x32[0]), x32[0] * sc.r.float())
+
+
+@pytest.mark.parametrize("d", [64, 256, 512, 576])
+def test_hadamard_fused_product_equals_the_previous_product(monkeypatch, d):
+    """Radix-32-last factors, the 1/sqrt(n) folded into the first one and two buffers (the fused
+    path) against kron_apply with a scaling pass (the previous one), forward, inverse and fold."""
+    H = features.hadamard_rotation(d, seed=3)
+    H.matmul_max = 0  # the Kronecker path at every size
+    x = torch.randn(4, 9, d, generator=torch.Generator().manual_seed(d))
+    fused = (H.forward(x), H.inverse(x), H.fold_weight(x[0]), H.fold_reader(x[0]))
+    monkeypatch.setattr(features, "_CACHE", False)
+    previous = (H.forward(x), H.inverse(x), H.fold_weight(x[0]), H.fold_reader(x[0]))
+    for a, b in zip(fused, previous):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    R = H.matrix(torch.float64)
+    torch.testing.assert_close(fused[0].double(), x.double() @ R, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fused[3].double(), x[0].double() @ R.T, rtol=0, atol=2e-6)

@@ -420,3 +420,53 @@ def test_results_never_alias_the_workspace():
         assert torch.equal(Y1, Y1c) and torch.equal(X1, X1c), T
         close(X1, X, rtol=0, atol=1e-4, msg=str(T))
     transforms.clear_workspace()
+
+
+@pytest.mark.parametrize("grid, levels", [((16, 16), 3), ((16, 16), 4), ((8, 4), 2), ((4, 4), 1), ((64, 32), 5),
+                                          ((12, 12), 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_haar2d_butterflies_equal_the_stepwise_path(monkeypatch, grid, levels, dtype):
+    """Grids that stay even at every level take unscaled butterflies written into the output and
+    one scaling by powers of two; the stepwise path (two 1/sqrt2 per level) is the reference."""
+    T = transforms.build("dwt", grid=grid, levels=levels)
+    assert T._even()
+    s = grid[0] * grid[1]
+    X = torch.randn(3, 2, s, 5, dtype=dtype, generator=torch.Generator().manual_seed(s + levels))
+    fast_y, fast_x = T.forward(X), T.inverse(X)
+    monkeypatch.setattr(transforms, "_FAST_HAAR2D", False)
+    tol = dict(rtol=0, atol=2e-6 if dtype == torch.float32 else 1e-13)
+    close(fast_y, T.forward(X), **tol)
+    close(fast_x, T.inverse(X), **tol)
+    monkeypatch.setattr(transforms, "_FAST_HAAR2D", True)
+    # the unscaled pair: L = D U and L^-1 = U^T D, D the per-row powers of two
+    D = T._row_scale(X)
+    close(T._forward_unscaled(X) * D, fast_y, **tol)
+    close(T._inverse_unscaled(X * D), fast_x, **tol)
+    Xc = X.clone()
+    Y = T._forward_unscaled(Xc, inplace=True)
+    assert Y.data_ptr() == Xc.data_ptr()  # in place
+    close(Y * D, fast_y, **tol)
+    Z = (fast_y * D).contiguous()
+    back = T._inverse_unscaled(Z, inplace=True)
+    assert back.data_ptr() == Z.data_ptr()
+    close(back, X, **tol)
+
+
+def test_haar2d_odd_levels_keep_the_stepwise_path():
+    T = transforms.build("dwt", grid=(12, 12), levels=3)  # 12 -> 6 -> 3: the last level is odd
+    assert not T._even() and not T._unscaled_ok(torch.randn(144, 2))
+    X = torch.randn(2, 144, 3, dtype=torch.float64)
+    close(T.forward(X), T.matrix(144, torch.float64) @ X, rtol=0, atol=1e-12)
+
+
+def test_workspace_buffers_are_shared_by_tag_and_grow():
+    """One flat buffer per tag, whatever the shape asked for; small requests are fresh tensors."""
+    transforms.clear_workspace()
+    like = torch.empty(0)
+    a = transforms._scratch("t", (512, 1024), like)
+    b = transforms._scratch("t", (1024, 512), like)
+    assert a.data_ptr() == b.data_ptr() and b.shape == (1024, 512)
+    c = transforms._scratch("t", (1024, 1024), like)  # grows
+    assert c.numel() == 1024 * 1024 and transforms._scratch("u", (512, 1024), like).data_ptr() != c.data_ptr()
+    assert transforms._scratch("t", (4, 4), like).data_ptr() != c.data_ptr()  # small: fresh
+    transforms.clear_workspace()

@@ -88,8 +88,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # Scratch buffers reused between calls. On CPU every fresh multi-megabyte tensor is mmap-ed and
 # page-faulted in by the OS, which costs more than the arithmetic of a Haar level or a Hadamard
 # stage; intermediate results therefore live in a small per-thread workspace (results returned
-# to the caller are always fresh tensors). ``clear_workspace()`` releases it.
+# to the caller are always fresh tensors). ``clear_workspace()`` releases it. One flat buffer per
+# tag (grown to the largest request), whatever the shape: callers whose buffers are never alive at
+# the same time share a tag ("ws0"/"ws1": a Hadamard product's spare, a 2-D Haar level's two
+# halves), so that the working set of one quantized layer stays small enough for the caches.
 _WS = threading.local()
+_FAST_HAAR2D = True  # private: False restores the stepwise 2-D Haar (benchmarks time both in one run)
 _WS_MIN_BYTES = 1 << 20
 
 
@@ -99,13 +103,13 @@ def _scratch(tag: str, shape, like: torch.Tensor) -> torch.Tensor:
     if numel * like.element_size() < _WS_MIN_BYTES:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     pool = _WS.__dict__.setdefault("pool", {})
-    key = (tag, shape, like.dtype, like.device)
+    key = (tag, like.dtype, like.device)
     buf = pool.get(key)
-    if buf is None:
-        if len(pool) > 16:
+    if buf is None or buf.numel() < numel:
+        if buf is None and len(pool) > 16:
             pool.clear()
-        buf = pool[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-    return buf
+        buf = pool[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)
 
 
 def clear_workspace() -> None:
@@ -633,6 +637,8 @@ class HaarDWT2D(SequenceTransform):
         return out
 
     def _forward(self, X):
+        if _FAST_HAAR2D and self._even():
+            return self._forward_even(X)
         h, w = self.grid
         lead, d = X.shape[:-2], X.shape[-1]
         a = X.reshape(*lead, h, w, d)
@@ -649,6 +655,8 @@ class HaarDWT2D(SequenceTransform):
         return torch.cat(parts, dim=-2)
 
     def _inverse(self, Y):
+        if _FAST_HAAR2D and self._even():
+            return self._inverse_even(Y)
         lead, d = Y.shape[:-2], Y.shape[-1]
         sizes = self.band_sizes()
         pos = 0
@@ -670,6 +678,127 @@ class HaarDWT2D(SequenceTransform):
             a = self._unstep(lo_w, hi_w, W, -2)
         return a.reshape(*lead, -1, d)
 
+    # -- the fast path of grids that stay even at every level (16 x 16 with 3 levels, 64 x 64, ...) ----
+    def _even(self) -> bool:
+        """Whether every level halves an even h and an even w (no carried row or column)."""
+        h, w = self.grid
+        if self.levels == 0:
+            return False
+        for _ in range(self.levels):
+            if h % 2 or w % 2:
+                return False
+            h, w = h // 2, w // 2
+        return True
+
+    def _row_scale(self, like: torch.Tensor, squared: bool = False) -> torch.Tensor:
+        """(s, 1): the power of two that normalises each output row of the unscaled butterflies,
+        2^-l on the detail bands of level l and 2^-L on the final LL band (``squared``: its square);
+        cached per dtype and device."""
+        cache = self.__dict__.setdefault("_scales", {})
+        key = (like.dtype, like.device, squared)
+        if key not in cache:
+            h, w = self.grid
+            n = h * w
+            sc = torch.empty(n, 1, dtype=torch.float64)
+            for lvl in range(1, self.levels + 1):
+                sc[n // 4 : n] = 2.0 ** -lvl
+                n //= 4
+            sc[:n] = 2.0 ** -self.levels
+            cache[key] = (sc * sc if squared else sc).to(dtype=like.dtype, device=like.device)
+        return cache[key]
+
+    def _forward_even(self, X):
+        """:meth:`_forward_unscaled` times the per-row powers of two (one pass)."""
+        Y = self._forward_unscaled(X)
+        return Y.mul_(self._row_scale(Y))
+
+    def _inverse_even(self, Y):
+        """The rows scaled once by the same powers of two (the map is orthogonal, so the inverse's
+        per-level factors 1/2 land on the same bands), then :meth:`_inverse_unscaled`."""
+        lead, n, d = Y.shape[:-2], Y.shape[-2], Y.shape[-1]
+        Z = _scratch("h2z", (math.prod(lead), n, d), Y)
+        torch.mul(Y.reshape(-1, n, d), self._row_scale(Y), out=Z)
+        return self._inverse_unscaled(Z).reshape(*lead, n, d)
+
+    def _unscaled_ok(self, X: torch.Tensor) -> bool:
+        """Whether :func:`stamp_lib.core.quant.stamp_fake_quant` may use the unscaled pair on X:
+        the fast path of an even grid, a float32/float64 input without autograd."""
+        return (_FAST_HAAR2D and X.dtype in _NATIVE_DTYPES and X.shape[-2] == self.grid[0] * self.grid[1]
+                and not (X.requires_grad and torch.is_grad_enabled()) and self._even())
+
+    def _forward_unscaled(self, X, scratch: bool = False, inplace: bool = False):
+        r"""``U X`` with ``L = D U``: the butterflies of every level without their factors 1/2, written
+        straight into the output. Along the width :math:`S = x_{2j} + x_{2j+1}`,
+        :math:`D = x_{2j} - x_{2j+1}` (two scratch buffers), then along the height
+        ``LL = S_{2i} + S_{2i+1}``, ``HL = S_{2i} - S_{2i+1}``, ``LH`` and ``HH`` from D, each into its
+        band's rows (a level reads its LL band completely before the next level writes over it).
+        ``D`` (:meth:`_row_scale`) holds powers of two, which scale without rounding, so ``D U X``
+        equals scaling at every level bit for bit; it differs from the stepwise path only by that
+        path's rounded :math:`1/\sqrt2` factors (float round-off). Needs an even grid at every level.
+        ``scratch``: write into this thread's workspace instead of a fresh tensor (for a caller that
+        consumes the result before the next call, as :func:`stamp_lib.core.quant.stamp_fake_quant`);
+        ``inplace``: overwrite a contiguous ``X`` (each level reads its input completely first)."""
+        h, w = self.grid
+        lead, d = X.shape[:-2], X.shape[-1]
+        B = math.prod(lead)
+        if inplace and X.is_contiguous():
+            Y = X.view(B, h * w, d)
+        elif scratch:
+            Y = _scratch("h2y", (B, h * w, d), X)
+        else:
+            Y = torch.empty(B, h * w, d, dtype=X.dtype, device=X.device)
+        a = X.reshape(B, h, w, d)
+        H, W = h, w
+        for _ in range(self.levels):
+            fh, fw = H // 2, W // 2
+            S = _scratch("ws0", (B, fh, 2, fw, d), X)
+            D = _scratch("ws1", (B, fh, 2, fw, d), X)
+            ae, ao = a.unflatten(2, (fw, 2)).unbind(3)
+            torch.add(ae, ao, out=S.view(B, H, fw, d))
+            torch.sub(ae, ao, out=D.view(B, H, fw, d))
+            ll, hl, lh, hh = Y[:, : 4 * fh * fw].view(B, 4, fh, fw, d).unbind(1)
+            se, so = S.unbind(2)
+            de, do = D.unbind(2)
+            torch.add(se, so, out=ll)
+            torch.sub(se, so, out=hl)  # HL: high along the height, low along the width (pywt's cH)
+            torch.add(de, do, out=lh)
+            torch.sub(de, do, out=hh)
+            a, H, W = ll, fh, fw
+        return Y.reshape(*lead, h * w, d)
+
+    def _inverse_unscaled(self, Z, inplace: bool = False):
+        """``U^T Z``, so that ``L^{-1} Y = U^T (D Y)``: unscaled butterflies per level, coarse to fine;
+        each level's output overwrites the rows of the bands it has just read (``Z`` is consumed:
+        pass a tensor of your own). The finest level writes a fresh tensor, or ``Z`` itself with
+        ``inplace`` (a contiguous ``Z``)."""
+        inplace = inplace and Z.is_contiguous()
+        h, w = self.grid
+        lead, n, d = Z.shape[:-2], Z.shape[-2], Z.shape[-1]
+        B = math.prod(lead)
+        Z = Z.reshape(B, n, d)
+        out = None
+        for lvl in range(self.levels, 0, -1):
+            H, W = h >> (lvl - 1), w >> (lvl - 1)  # the grid at the input of this level
+            fh, fw = H // 2, W // 2
+            ll, hl, lh, hh = Z[:, : H * W].view(B, 4, fh, fw, d).unbind(1)
+            lo = _scratch("ws0", (B, fh, 2, fw, d), Z)
+            hi = _scratch("ws1", (B, fh, 2, fw, d), Z)
+            lo_e, lo_o = lo.unbind(2)
+            hi_e, hi_o = hi.unbind(2)
+            torch.add(ll, hl, out=lo_e)
+            torch.sub(ll, hl, out=lo_o)
+            torch.add(lh, hh, out=hi_e)
+            torch.sub(lh, hh, out=hi_o)
+            if lvl == 1 and not inplace:
+                out = torch.empty(B, H, fw, 2, d, dtype=Z.dtype, device=Z.device)
+            else:
+                out = Z[:, : H * W].view(B, H, fw, 2, d)
+            oe, oo = out.unbind(3)
+            lo, hi = lo.view(B, H, fw, d), hi.view(B, H, fw, d)
+            torch.add(lo, hi, out=oe)
+            torch.sub(lo, hi, out=oo)
+        return out.reshape(*lead, n, d)
+
     def _matrix(self, s):
         # Independent construction: per level, kron(A_H, A_W) acts on the LL block (which
         # occupies the first H*W output rows, row-major), then a permutation puts its rows in
@@ -679,15 +808,19 @@ class HaarDWT2D(SequenceTransform):
         for _ in range(self.levels):
             K = torch.kron(_haar_step_matrix(H), _haar_step_matrix(W))
             ch, cw = (H + 1) // 2, (W + 1) // 2
-            rows = lambda I, J: (I.unsqueeze(1) * W + J.unsqueeze(0)).reshape(-1)  # noqa: E731
             lo_h, hi_h = torch.arange(ch), torch.arange(ch, H)
             lo_w, hi_w = torch.arange(cw), torch.arange(cw, W)
-            perm = torch.cat([rows(lo_h, lo_w), rows(hi_h, lo_w), rows(lo_h, hi_w), rows(hi_h, hi_w)])
+            perm = torch.cat([_grid_rows(i, j, W) for i, j in ((lo_h, lo_w), (hi_h, lo_w), (lo_h, hi_w), (hi_h, hi_w))])
             P = torch.eye(s, dtype=torch.float64)
             P[: H * W, : H * W] = K[perm]
             M = P @ M
             H, W = ch, cw
         return M
+
+
+def _grid_rows(i: torch.Tensor, j: torch.Tensor, w: int) -> torch.Tensor:
+    """Row-major indices of the tokens (i, j) of a grid of width w, rows i outer, columns j inner."""
+    return (i.unsqueeze(1) * w + j.unsqueeze(0)).reshape(-1)
 
 
 def _haar_step_matrix(n: int) -> torch.Tensor:

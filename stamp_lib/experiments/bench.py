@@ -17,6 +17,11 @@ dct+idct at equal workers; DWT <= 1x pywt. The machine may be shared: the ratios
 side by side in one run, so they move less than the times; run it a few times and take the
 median.
 
+The same run then prints the forward overhead of quantized models (a SmolLM2-sized decoder:
+prefill and cached decoding; the galaxy score network) with the per-call path as it was before
+the hot-path fixes and as it is now, side by side (:func:`hotpath_benchmark`; ``bench hotpath``
+runs only that).
+
 ``python -m stamp_lib bench capture`` runs the activation-capture benchmark
 (:func:`capture_benchmark`); ``python -m stamp_lib bench llm`` times a SmolLM2 forward over 2048
 tokens in full precision against W4A4KV4 and W4A4KV4 + STaMP (:func:`llm_benchmark`).
@@ -25,7 +30,7 @@ tokens in full precision against W4A4KV4 and W4A4KV4 + STaMP (:func:`llm_benchma
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import statistics
 import sys
@@ -320,24 +325,262 @@ def llm_benchmark(seq_len: int = 2048, repeats: int = 3) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- the per-call path
+@contextlib.contextmanager
+def previous_hot_path(on: bool = True):
+    """Within the block, a quantized model runs the per-call path as it was before the hot-path
+    fixes (private switches of the modules; only benchmarks use them): feature matrices and scales
+    converted on every call, bit vectors keyed on the raw position and copied on every miss, the
+    position read back from ``cache_position`` first, NaN/Inf checked on every CPU input by default
+    (``check_finite=None``), the feature transform computed twice for a low-rank branch that reads
+    ``x R``, unfused fake quantization (seven fresh tensors), the stepwise 2-D Haar and the
+    axis-moving Kronecker product. ``on=False`` is a no-op (the current path)."""
+    from ..core import quant
+    from ..methods import features
+    from ..model import recipe
+
+    saved = (quant._FUSED, transforms._FAST_HAAR2D, features._CACHE, recipe._LEGACY)
+    if on:
+        quant._FUSED, transforms._FAST_HAAR2D, features._CACHE, recipe._LEGACY = False, False, False, True
+    try:
+        yield
+    finally:
+        quant._FUSED, transforms._FAST_HAAR2D, features._CACHE, recipe._LEGACY = saved
+
+
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                     vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0)
+
+
+def _smollm2_sized(layers: int):
+    """A LLaMA decoder with SmolLM2-135M's widths (d=576, MLP 1536, 9 heads, 3 K/V heads) and
+    ``layers`` layers, random weights (timing only: no download), without its LM head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=True, attn_implementation="sdpa",
+                      **SMOLLM2_SHAPE)
+    return LlamaForCausalLM(cfg).eval().model
+
+
+def _interleaved(cases: dict, repeats: int) -> dict:
+    """Median wall time of every case, the cases run in turn ``repeats`` times (after one warm-up)."""
+    for f in cases.values():
+        f()
+    times = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, f in cases.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def hotpath_benchmark(repeats: int = 5, threads: int | None = 1, *, layers: int = 4, prompt: int = 512,
+                      decode: int = 16, galaxy: bool = True) -> dict:
+    """The forward overhead of quantized models before and after the per-call fixes, side by side in
+    one run (:func:`previous_hot_path` switches the previous path back on; runs interleaved, median
+    of ``repeats``), as ratios to the full-precision forward of the same model:
+
+    * a SmolLM2-sized LLaMA decoder (:func:`_smollm2_sized`, ``layers`` layers, random weights): a
+      ``prompt``-token prefill, then ``decode`` cached one-token steps, under W4A4KV4 (RTN, the
+      first 64 tokens at 8 bits) and W4A4KV4 + QuaRot Hadamard + STaMP Haar DWT;
+    * the galaxy score network (8 images, one call; :mod:`stamp_lib.experiments.diffusion`'s
+      randomized Hadamard + STaMP and SVDQuant + STaMP W4A4), if galaxygrad is installed.
+
+    ``threads``: torch threads for the run (1 by default, as the other benchmarks on a shared
+    two-core machine). Returns ``{"rows": {name: {...}}, ...}`` with seconds and ratios."""
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _hotpath_benchmark(repeats, layers, prompt, decode, galaxy)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _hotpath_benchmark(repeats, layers, prompt, decode, galaxy):
+    import inspect
+
+    from transformers import DynamicCache
+
+    from ..model import recipe as rcp
+    from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
+
+    rows: dict = {}
+    model = _smollm2_sized(layers)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (1, prompt + decode), generator=gen)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    lv = transforms.haar_levels(prompt, 64)
+    w4, kv4 = WeightQuant(bits=4), ActQuant(bits="64x8+4")
+    recipes = {
+        "W4A4KV4 rtn": Recipe((Rule("layers.*", act=ActQuant(bits="64x8+4"), weight=w4),), kv=kv4),
+        "W4A4KV4 hadamard + stamp dwt": Recipe((Rule("layers.*", act=ActQuant(bits="64x8+4", transform="dwt",
+                                                                               levels=lv),
+                                                     weight=w4, feature="hadamard"),), kv=kv4),
+    }
+    preps = {k: rcp.prepare(model, r, progress=False) for k, r in recipes.items()}
+
+    def run_llm(phase):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :prompt], use_cache=True, **{cache_kw: cache})
+        if phase == "decode":
+            t0 = time.perf_counter()
+            for i in range(prompt, prompt + decode):
+                model(input_ids=ids[:, i : i + 1], use_cache=True, **{cache_kw: cache})
+            return time.perf_counter() - t0
+        return None
+
+    def case(name, previous, phase):
+        def f():
+            with previous_hot_path(previous):
+                if name == "fp":
+                    return run_llm(phase)
+                with rcp.apply(model, recipes[name], preps[name], check_finite=None, progress=False):
+                    return run_llm(phase)
+        return f
+
+    with torch.no_grad():
+        for phase in ("prefill", "decode"):
+            cases = {("fp", False): case("fp", False, phase)}
+            for name in recipes:
+                for previous in (True, False):
+                    cases[(name, previous)] = case(name, previous, phase)
+            if phase == "decode":  # time the decoding steps only (each case still prefills first)
+                res = {k: [] for k in cases}
+                for f in cases.values():
+                    f()
+                for _ in range(repeats):
+                    for k, f in cases.items():
+                        res[k].append(f())
+                med = {k: statistics.median(v) for k, v in res.items()}
+            else:
+                med = _interleaved(cases, repeats)
+            label = (f"SmolLM2-sized ({layers} layers) prefill {prompt}" if phase == "prefill"
+                     else f"SmolLM2-sized ({layers} layers) {decode} decode steps")
+            fp = med[("fp", False)]
+            for name in recipes:
+                rows[f"{label}: {name}"] = _row(fp, med[(name, True)], med[(name, False)])
+        if galaxy:
+            try:
+                rows.update(_galaxy_hotpath(repeats))
+            except ImportError as e:  # galaxygrad is an optional model package
+                print(f"  (galaxy forward skipped: {e})")
+    out = {"threads": torch.get_num_threads(), "repeats": repeats, "rows": rows}
+    print_hotpath_table(out)
+    return out
+
+
+def _galaxy_hotpath(repeats: int) -> dict:
+    from ..model import recipe as rcp
+    from ..zoo import galaxy as G
+    from . import diffusion as D
+
+    model = G.load_galaxy_model()
+    cfgs = {"hadamard-rs W4A4 + stamp": D.galaxy_config("hadamard", stamp=True, hadamard_seed=0),
+            "svdquant W4A4 + stamp": D.galaxy_config("svdquant", stamp=True)}
+    calib = D.calibration_batches(model, n=4, steps=4)
+    preps = {k: D.prepare(model, c, calib) for k, c in cfgs.items()}
+    y = G.initial_noise(8, 0, (model.channels, model.img_size, model.img_size)) * 3.0
+    t = 1.0
+
+    def case(name, previous):
+        def f():
+            with previous_hot_path(previous):
+                if name == "fp":
+                    return model(y, t)
+                with rcp.apply(model, cfgs[name].recipe, preps[name], check_finite=None, progress=False):
+                    for _ in range(4):  # four calls per timing: a context per call would dominate
+                        model(y, t)
+        return f
+
+    cases = {("fp", False): lambda: [model(y, t) for _ in range(4)]}
+    for name in cfgs:
+        for previous in (True, False):
+            cases[(name, previous)] = case(name, previous)
+    med = _interleaved(cases, repeats)
+    fp = med[("fp", False)]
+    return {f"galaxy network, 8 images x 4 calls: {name}": _row(fp, med[(name, True)], med[(name, False)])
+            for name in cfgs}
+
+
+def _row(fp: float, before: float, after: float) -> dict:
+    return {"fp_s": fp, "before_s": before, "after_s": after, "before_x_fp": before / fp, "after_x_fp": after / fp}
+
+
+def print_hotpath_table(res: dict) -> None:
+    print(f"Quantized forward overhead, previous per-call path vs now ({res['threads']} threads, "
+          f"median of {res['repeats']}, interleaved; x FP = time / full-precision time of the same forward)")
+    w = max(len(n) for n in [*res["rows"], "forward: recipe"])
+    print(f"  {'forward: recipe':{w}s} {'FP ms':>8s} {'before':>8s} {'after':>8s} {'speed-up':>9s}")
+    for name, r in res["rows"].items():
+        print(f"  {name:{w}s} {1e3 * r['fp_s']:8.1f} {r['before_x_fp']:7.2f}x {r['after_x_fp']:7.2f}x "
+              f"{r['before_s'] / r['after_s']:8.2f}x")
+
+
+_BENCH_DEFAULTS = {"transforms": {"s": 4096, "d": 4096, "repeat": 5}, "llm": {"repeat": 3}, "capture": {},
+                   "hotpath": {"repeat": 5}}
+_MAX_SIDE = 16384  # the dense path builds an (s x s) float64 matrix: 2 GB at this size
+
+
+def _parser():
+    from . import cli
+
+    p = cli.Parser(prog="python -m stamp_lib bench", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="transforms", choices=["transforms", "capture", "llm", "hotpath"])
+    p.add_argument("--s", type=int, default=None, help=f"rows of X, 2..{_MAX_SIDE} (transforms only; default 4096)")
+    p.add_argument("--d", type=int, default=None, help=f"columns of X, 1..{_MAX_SIDE} (transforms only; default 4096)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed repeats, >= 1 (transforms, hotpath: default 5; llm: 3)")
+    p.add_argument("--json", help="also write the results, with the command line and the machine, to this file")
+    p.add_argument("--quiet", action="store_true", help="no messages but the result lines")
+    return p
+
+
+def validate(a) -> None:
+    """Check the parsed arguments; raises ``cli.BadInput``; fills in the defaults of ``a.what``."""
+    from . import cli
+
+    allowed = _BENCH_DEFAULTS[a.what]
+    for dest in ("s", "d", "repeat"):
+        v = getattr(a, dest)
+        if v is not None and dest not in allowed:
+            uses = [w for w, d in _BENCH_DEFAULTS.items() if dest in d]
+            raise cli.BadInput(f"--{dest} {v}", f"`bench {a.what}` has no such setting (it applies to "
+                                                f"{' and '.join('bench ' + w for w in uses)}); drop --{dest}")
+    if a.s is not None:
+        cli.whole(a.s, "--s", "the rows of X", lo=2, hi=_MAX_SIDE)
+    if a.d is not None:
+        cli.whole(a.d, "--d", "the columns of X", lo=1, hi=_MAX_SIDE)
+    if a.repeat is not None:
+        cli.whole(a.repeat, "--repeat", "timed repeats")
+    for dest, v in allowed.items():
+        if getattr(a, dest) is None:
+            setattr(a, dest, v)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="transforms", choices=["transforms", "capture", "llm"])
-    p.add_argument("--s", type=int, default=4096)
-    p.add_argument("--d", type=int, default=4096)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--json", help="also write the results to this file")
-    a = p.parse_args(argv)
-    if a.what == "transforms":
-        res = transform_benchmark(a.s, a.d, a.repeat)
-        print_transform_table(res)
-    elif a.what == "llm":
-        res = llm_benchmark()
-    else:
-        res = capture_benchmark()
+    from ..core.io import write_json
+    from . import cli
+
+    p = _parser()
+    a = cli.parse(p, argv, validate)
+    with cli.guard(p, quiet=a.quiet):
+        if a.what == "transforms":
+            res = transform_benchmark(a.s, a.d, a.repeat)
+            print_transform_table(res)
+            res["hotpath"] = hotpath_benchmark()  # the quantized forward, before and after the per-call fixes
+        elif a.what == "hotpath":
+            res = hotpath_benchmark(repeats=a.repeat)
+        elif a.what == "llm":
+            res = llm_benchmark(repeats=a.repeat)
+        else:
+            res = capture_benchmark()
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.json, {**res, "command": cli.command_line(p, a), "run": cli.run_facts("cpu", "float32")},
+                   quiet=a.quiet)
     return 0
 
 

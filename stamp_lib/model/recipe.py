@@ -28,9 +28,15 @@ token is the identity) with the bits of its position. Haar levels are capped at 
 sequence allows. STaMP cannot help one-token decode steps: there is no sequence to transform.
 
 Everything is fake quantization in floating point: accuracy is simulated exactly, speed and memory
-of integer kernels are not. The per-call path does no host-device synchronisation (settings are
-validated when built; bit vectors are cached per length and position on the device); non-finite
-inputs are checked on CPU tensors (free there) and on CUDA only with ``check_finite=True``.
+of integer kernels are not. The per-call path does no host-device synchronisation and no
+host-to-device copy once warm: settings are validated when built; bit vectors are sliced from one
+device-resident template per bit spec and cached per length and *effective* position
+(``min(position, hp_tokens)``: every decoding step past the high-precision rows reuses one entry);
+feature matrices are converted once per dtype and device; the position of a forward is read from
+the cache's own length where that is a Python int, and a device tensor is read back only when the
+recipe has high-precision rows at all. Non-finite inputs are checked at the API boundary
+(:func:`stamp_lib.core.quant.fake_quant`, the transforms), inside a model only with
+``apply(..., check_finite=True)``.
 """
 
 from __future__ import annotations
@@ -52,6 +58,14 @@ __all__ = ["ActQuant", "WeightQuant", "Rule", "Recipe", "Prepared", "prepare", "
 SEQUENCE_TRANSFORMS = ("identity", "dct", "wht", "dwt")
 FEATURE_METHODS = (None, "hadamard", "smoothquant")
 WEIGHT_METHODS = ("rtn", "gptq")
+
+# private: True restores the previous per-call path (bit vectors keyed on the raw position and copied
+# per miss, position read back from cache_position first, NaN check of every CPU input by default,
+# the feature transform computed again for the low-rank branch); only the benchmarks set it, to time
+# both paths in one run (stamp_lib.experiments.bench.hotpath_benchmark)
+_LEGACY = False
+
+
 def _check_pos_int(v, what, allow_none=True):
     if v is None and allow_none:
         return
@@ -338,7 +352,8 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
             prep.features[n] = rotations[key]
     from tqdm.auto import tqdm
 
-    for n, (m, r) in tqdm(list(resolved.items()), desc="prepare weights", disable=not progress, leave=False):
+    todo, gptq_groups = {}, {}
+    for n, (m, r) in resolved.items():
         F = prep.features.get(n)
         if r.weight is None and F is None:
             continue
@@ -352,19 +367,33 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
             A, B = U[:, :wq.lowrank] * S[:wq.lowrank], Vh[:wq.lowrank]  # L_r = A B, (out, r) (r, in)
             prep.lowrank[n] = (A.to(dtype=W.dtype, device=W.device), B.to(dtype=W.dtype, device=W.device))
             Wf = Wf - A @ B
+        todo[n] = (W, Wf)
+        if wq is not None and wq.method == "gptq":
+            # layers fed one tensor (q/k/v, gate/up) share one Hessian: GPTQ treats output rows
+            # independently given H, so their stacked rows are quantized in one call (one
+            # Cholesky factorisation instead of one per layer; the same result)
+            gptq_groups.setdefault((id(stats.H[n]), id(F), wq), []).append(n)
+    for n, (W, Wf) in todo.items():
+        wq = resolved[n][1].weight
         if wq is None:
             out = Wf
         elif wq.method == "rtn":
             out = quant.fake_quant(Wf, wq.bits, symmetric=wq.symmetric, clip_ratio=wq.clip_ratio,
                                    block_size=wq.group_size)
         else:
-            H = stats.H[n].H
-            if F is not None:  # the Hessian of the transformed inputs x R: R^T H R
-                H = F.forward(F.forward(H.to(Wf.device)).T).T
-            out = gptq.gptq_quantize(Wf, H.to(Wf.device), wq.bits, group_size=wq.group_size,
-                                        symmetric=wq.symmetric, clip_ratio=wq.clip_ratio, damp=wq.damp,
-                                        act_order=wq.act_order)
+            continue
         prep.weights[n] = out.to(dtype=W.dtype, device=W.device)
+    for (_, _, wq), members in tqdm(list(gptq_groups.items()), desc="GPTQ", disable=not progress, leave=False):
+        F = prep.features.get(members[0])
+        H = stats.H[members[0]].H
+        Wf = torch.cat([todo[n][1] for n in members])
+        if F is not None:  # the Hessian of the transformed inputs x R: R^T H R
+            H = F.forward(F.forward(H.to(Wf.device)).T).T
+        out = gptq.gptq_quantize(Wf, H.to(Wf.device), wq.bits, group_size=wq.group_size, symmetric=wq.symmetric,
+                                 clip_ratio=wq.clip_ratio, damp=wq.damp, act_order=wq.act_order)
+        for n, part in zip(members, out.split([todo[n][1].shape[0] for n in members])):
+            W = todo[n][0]
+            prep.weights[n] = part.to(dtype=W.dtype, device=W.device)
     return prep
 
 
@@ -386,16 +415,21 @@ class Applied:
     """Handle yielded by :func:`apply`: ``stats`` (per layer :class:`LayerStats`, K/V as
     ``"kv.<layer>.<kind>"``), :meth:`average_bits`, :meth:`set_grid` for ``grid="auto"`` rules."""
 
-    def __init__(self, recipe: Recipe, check_finite: bool | None):
+    def __init__(self, recipe: Recipe, check_finite: bool | None = False):
         self.recipe = recipe
         self.check_finite = check_finite
         self.offset = 0
         self.grid: tuple[int, int] | None = None
         self.stats: dict[str, LayerStats] = {}
-        self._bits: dict = {}
+        self._bits: dict = {}  # (bits, s, min(offset, hp), device, dtype) -> (view (s, 1, 1), bits spent)
+        self._templates: dict = {}  # (bits, device, dtype) -> [hp_bits] * hp + [lp_bits] * ..., on the device
+        self._parsed: dict = {}
         self._transforms: dict = {}
         self._last = None
         self._lowrank_in: dict[str, torch.Tensor] = {}
+        self._keep_rotated = True  # apply() clears it when neither an observer nor a low-rank branch reads x R
+        # the largest hp_tokens of the linear-input rules: without any, a forward's position is not needed
+        self.hp_max = max((r.act.hp_tokens for r in recipe.rules if r.act is not None), default=0)
 
     def set_grid(self, grid: tuple[int, int] | None) -> None:
         """The (h, w) token grid of the current forward, for rules with ``grid="auto"``."""
@@ -409,6 +443,35 @@ class Applied:
 
     # -- the per-call path -----------------------------------------------------------------------
     def _bits_for(self, spec: ActQuant, s: int, offset: int, like: torch.Tensor):
+        """``(b, bits)``: the float bits (s, 1, 1) of a chunk of s rows at absolute ``offset`` on
+        ``like``'s device and dtype, and their sum. Rows past ``hp_tokens`` all get the low bits,
+        so the key holds ``min(offset, hp_tokens)``: one entry serves every decoding step beyond
+        the high-precision rows. A miss slices the device-resident template of the spec (no
+        host-to-device copy; the template grows by doubling)."""
+        if _LEGACY:
+            return self._bits_for_legacy(spec, s, offset, like)
+        parsed = self._parsed.get(spec.bits)
+        if parsed is None:
+            parsed = self._parsed[spec.bits] = quant.parse_bits(spec.bits)
+        hp, hb, lb = parsed
+        o = offset if offset < hp else hp
+        key = (spec.bits, s, o, like.device, like.dtype)
+        hit = self._bits.get(key)
+        if hit is None:
+            tkey = (spec.bits, like.device, like.dtype)
+            tpl = self._templates.get(tkey)
+            if tpl is None or tpl.numel() < o + s:
+                n = max(64, 1 << (hp + s - 1).bit_length())
+                t = torch.full((n,), float(lb), dtype=torch.float64)
+                t[:hp] = hb
+                tpl = self._templates[tkey] = t.to(device=like.device, dtype=like.dtype)
+            n_hp = min(hp - o, s)
+            if len(self._bits) > 64:
+                self._bits.clear()
+            hit = self._bits[key] = (tpl[o : o + s].view(s, 1, 1), n_hp * hb + (s - n_hp) * lb)
+        return hit
+
+    def _bits_for_legacy(self, spec: ActQuant, s: int, offset: int, like: torch.Tensor):
         key = (spec.bits, s, offset, like.device, like.dtype)
         hit = self._bits.get(key)
         if hit is None:
@@ -454,16 +517,26 @@ class Applied:
 
     def quantize(self, spec: ActQuant, x: torch.Tensor, offset: int, feature=None):
         """``(out, tokens, bits)``: :math:`L^{-1} Q(L x R)` of one input (..., s, d) in the rotated
-        basis, the number of tokens quantized and the bits they were given (summed over rows)."""
+        basis, the number of tokens quantized and the bits they were given (summed over rows).
+        Non-finite inputs raise only with ``check_finite=True`` (a host sync)."""
+        return self._quantize(spec, x, offset, feature)[:3]
+
+    def _quantize(self, spec: ActQuant, x: torch.Tensor, offset: int, feature=None):
+        """:meth:`quantize` plus the rotated input :math:`x R` it computed (float32 for half inputs;
+        ``x`` itself without a feature transform), for the low-rank branch and observers."""
         if x.dim() < 2:
             raise ValueError(f"expected an input (..., s, d), got shape {tuple(x.shape)}")
-        if self.check_finite or (self.check_finite is None and x.device.type == "cpu"):
+        check = self.check_finite
+        if _LEGACY and check is None:
+            check = x.device.type == "cpu"
+        if check:
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"the input contains NaN/Inf ({int(torch.isnan(x).sum())} NaN, "
                                  f"{int(torch.isinf(x).sum())} Inf)")
         dtype = x.dtype
         xf = x if dtype in (torch.float32, torch.float64) else x.float()
         y = xf if feature is None else feature.forward(xf)
+        rotated = y
         s = y.shape[-2]
         bt = spec.block_tokens
         if bt is not None:
@@ -475,20 +548,54 @@ class Applied:
             raise ValueError(f"feature dim {y.shape[-1]} is not a multiple of block_size={spec.block_size}")
         b, bsum = self._bits_for(spec, s, 0 if bt is not None else offset, y)
         T = self._transform_for(spec, s)
-        out = quant.stamp_fake_quant(y, T, b, validate=False, symmetric=spec.symmetric,
+        # x R (or the float32 copy of a half x) is a fresh tensor of ours: unless it is wanted back
+        # (observer, low-rank branch), the quantizer works in its memory
+        own = not self._keep_rotated and y.data_ptr() != x.data_ptr()
+        out = quant.stamp_fake_quant(y, T, b, validate=False, overwrite=own, symmetric=spec.symmetric,
                                      clip_ratio=spec.clip_ratio, block_size=spec.block_size)
         if bt is not None:
             out = out.flatten(-3, -2)
         n_seq = y.numel() // (y.shape[-1] * s)
-        return out.to(dtype), n_seq * s, n_seq * bsum
+        return out.to(dtype), n_seq * s, n_seq * bsum, (None if own else rotated)
 
 
-def _offset_from(args, kwargs) -> int:
-    """Absolute position of the first token of this forward (0 without a cache)."""
+def _offset_from(args, kwargs, need: bool = True) -> int:
+    """Absolute position of the first token of this forward (0 without a cache).
+
+    ``need=False`` (no rule has high-precision rows, so the bits do not depend on the position):
+    0 without reading anything. Otherwise, cheapest source first: a CPU ``cache_position``; the
+    cache's length where it is a Python int (``DynamicCache`` and the sliding-window layers keep it
+    on the host); only then a device tensor is read back (one host sync per forward: a
+    ``cache_position`` on the GPU with no such cache, or a static cache's length tensor)."""
+    if _LEGACY:
+        return _offset_from_legacy(args, kwargs)
+    if not need:
+        return 0
+    cp = kwargs.get("cache_position")
+    cp = cp if isinstance(cp, torch.Tensor) and cp.numel() else None
+    if cp is not None and cp.device.type == "cpu":
+        return int(cp.reshape(-1)[0])
+    pkv = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 passes "cache"
+    n = None
+    if pkv is not None and hasattr(pkv, "get_seq_length"):
+        try:
+            n = pkv.get_seq_length()
+        except Exception:
+            n = None
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n
+    if cp is not None:
+        return int(cp.reshape(-1)[0])
+    if isinstance(n, torch.Tensor) and n.numel() == 1:
+        return int(n)
+    return 0
+
+
+def _offset_from_legacy(args, kwargs) -> int:
     cp = kwargs.get("cache_position")
     if isinstance(cp, torch.Tensor) and cp.numel():
         return int(cp.reshape(-1)[0])
-    pkv = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 passes "cache"
+    pkv = kwargs.get("past_key_values", kwargs.get("cache"))
     if pkv is not None and hasattr(pkv, "get_seq_length"):
         try:
             return int(pkv.get_seq_length())
@@ -499,13 +606,14 @@ def _offset_from(args, kwargs) -> int:
 
 @contextlib.contextmanager
 def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, calib=None, *,
-          observe: Callable | None = None, check_finite: bool | None = None, progress: bool = True):
+          observe: Callable | None = None, check_finite: bool | None = False, progress: bool = True):
     """Apply ``recipe`` to ``model`` for the duration of the block (see the module docstring).
 
     ``prepared``: from :func:`prepare` (computed here from ``calib`` when omitted; it must have been
     prepared for the same rules' feature and weight settings). ``observe(name, x_rotated, x_hat)``
     sees every quantized linear input in the basis it was quantized in (for per-layer SQNR).
-    Yields an :class:`Applied`."""
+    ``check_finite=True`` raises on a NaN/Inf linear or K/V input (a host sync per call; off by
+    default, ``None`` is the same as ``False``). Yields an :class:`Applied`."""
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a Recipe, got {type(recipe).__name__}")
     if prepared is None:
@@ -518,35 +626,50 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
     hooked = {n: m for n, (m, r) in resolved.items()
               if r.act is not None or n in prepared.features or n in prepared.lowrank}
 
+    # the low-rank branch reads the layer's own input x through B R^T (computed once here), so x R is
+    # needed after quantizing only by an observer; otherwise the quantizer may work in its memory
+    lowrank = {n: (A, B if _LEGACY or n not in prepared.features else prepared.features[n].fold_reader(B))
+               for n, (A, B) in prepared.lowrank.items()}
+    keep_rotated = observe is not None or (_LEGACY and bool(lowrank))
+    state._keep_rotated = keep_rotated or _LEGACY
+
     def on_input(name, module, x):
         m, rule = resolved[name]
         F = prepared.features.get(name)
         last = state._last
-        if last is not None and last[1] is rule and last[2] is F and hooks.same_tensor(last[0], x):
-            out, tok, bits = last[3:]  # q/k/v (gate/up) take the same tensor: quantize it once
+        if last is not None and last[1] is rule and last[2] is F and hooks.same_tensor(last[0], x, version=last[7]):
+            out, tok, bits, xr = last[3:7]  # q/k/v (gate/up) take the same tensor: quantize it once
         elif rule.act is None:
-            out, tok, bits = (x if F is None else F.forward(x)), 0, 0
+            xr = x if F is None else F.forward(x)
+            out, tok, bits = xr, 0, 0
         else:
-            out, tok, bits = state.quantize(rule.act, x, state.offset, F)
+            out, tok, bits, xr = state._quantize(rule.act, x, state.offset, F)
         if rule.act is not None:
             state.count(name, tok, bits)
-        state._last = (x, rule, F, out, tok, bits)
-        if observe is not None or name in prepared.lowrank:
-            xr = x if F is None else F.forward(x)
+        state._last = (x, rule, F, out, tok, bits, xr if keep_rotated else None, x._version)
+        if observe is not None or name in lowrank:
+            if _LEGACY:  # the previous path computed x R a second time here, for the low-rank branch too
+                xr = x if F is None else F.forward(x)
             if observe is not None:
-                observe(name, xr, out)
-            if name in prepared.lowrank:
-                state._lowrank_in[name] = xr
+                observe(name, xr if xr.dtype == x.dtype else xr.to(x.dtype), out)
+            if name in lowrank:
+                state._lowrank_in[name] = xr if _LEGACY else x  # x, read through B R^T
         return out
 
     def add_lowrank(module, args, output):
         name = names_of[id(module)]
         xr = state._lowrank_in.pop(name)
-        A, B = prepared.lowrank[name]
-        return output + (xr.to(output.dtype) @ B.T) @ A.T  # two thin products, O(r (in + out))
+        A, B = lowrank[name]
+        t = xr.to(output.dtype) @ B.T  # two thin products, O(r (in + out))
+        if _LEGACY or not output.is_contiguous() or (output.requires_grad and torch.is_grad_enabled()):
+            return output + t @ A.T
+        # the layer's fresh output takes the second product in place (one GEMM with beta = 1): no
+        # second output-sized tensor (on CPU a fresh one costs more in page faults than the product)
+        output.view(-1, output.shape[-1]).addmm_(t.view(-1, t.shape[-1]), A.T)
+        return output
 
     def on_model(module, args, kwargs):
-        state.offset = _offset_from(args, kwargs)
+        state.offset = _offset_from(args, kwargs, need=state.hp_max > 0)
         state._last = None
         return None
 
