@@ -95,9 +95,9 @@ def test_fast_equals_dense(n, seed, path, monkeypatch):
     if path == "kron":
         R.matmul_max = 0  # force the Kronecker path at every order
     kron_calls = []
-    real_kron = features.HadamardRotation._kron_product
-    monkeypatch.setattr(features.HadamardRotation, "_kron_product",
-                        staticmethod(lambda y, fs: kron_calls.append(len(fs)) or real_kron(y, fs)))
+    real_kron = features.kron_apply
+    monkeypatch.setattr(features, "kron_apply",
+                        lambda y, fs, *a: kron_calls.append(len(fs)) or real_kron(y, fs, *a))
     assert isinstance(R, features.Rotation) and R.d == n
     g = torch.Generator().manual_seed(n)
     x = torch.randn(3, 5, n, generator=g, dtype=torch.float64)

@@ -39,7 +39,6 @@ and dense paths alike). Any other floating dtype (e.g. float8) raises a TypeErro
 from __future__ import annotations
 
 import math
-import threading
 from functools import lru_cache
 
 import torch
@@ -47,6 +46,8 @@ import torch
 from .autocorr import sum_xxt
 from .checks import as_sequence_tensor
 from .hadamard import is_pow2, pow2_radices, sylvester
+from .workspace import clear_workspace  # noqa: F401 - part of this module's API: the fast paths' buffers
+from .workspace import scratch as _scratch
 
 __all__ = [
     "SequenceTransform",
@@ -85,36 +86,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a transform computes in for inputs of ``dtype`` (float16/bfloat16 -> float32)."""
     return torch.float32 if dtype in _UPCAST_DTYPES else dtype
 
-# Scratch buffers reused between calls. On CPU every fresh multi-megabyte tensor is mmap-ed and
-# page-faulted in by the OS, which costs more than the arithmetic of a Haar level or a Hadamard
-# stage; intermediate results therefore live in a small per-thread workspace (results returned
-# to the caller are always fresh tensors). ``clear_workspace()`` releases it. One flat buffer per
-# tag (grown to the largest request), whatever the shape: callers whose buffers are never alive at
-# the same time share a tag ("ws0"/"ws1": a Hadamard product's spare, a 2-D Haar level's two
-# halves), so that the working set of one quantized layer stays small enough for the caches.
-_WS = threading.local()
 _FAST_HAAR2D = True  # private: False restores the stepwise 2-D Haar (benchmarks time both in one run)
-_WS_MIN_BYTES = 1 << 20
-
-
-def _scratch(tag: str, shape, like: torch.Tensor) -> torch.Tensor:
-    shape = tuple(shape)
-    numel = math.prod(shape)
-    if numel * like.element_size() < _WS_MIN_BYTES:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    pool = _WS.__dict__.setdefault("pool", {})
-    key = (tag, like.dtype, like.device)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < numel:
-        if buf is None and len(pool) > 16:
-            pool.clear()
-        buf = pool[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buf[:numel].view(shape)
-
-
-def clear_workspace() -> None:
-    """Release the scratch buffers kept between calls by the fast paths."""
-    _WS.__dict__.pop("pool", None)
 
 
 class SequenceTransform:
