@@ -10,6 +10,15 @@ behind it. The default book shows these records beside its own small-size number
 stale once that code changes.
 Commit the files afterwards. A failing chapter stops the script (exit 1) and leaves the previous
 record of that chapter in place.
+
+Resuming: the chapter runs with ``STAMP_RESUME=1``, so the experiment functions it calls
+(``llm.run_table``, ``diffusion.reference`` / ``run_configs``, ``pixart.run_protocol``) keep every
+finished cell in their default stores (``data/cache/cells/<experiment>``, git-ignored;
+:mod:`stamp_lib.core.cells`), keyed by the cell's knobs and the library's code. Rerunning a chapter
+that was killed or failed partway reuses the finished cells and computes only the rest, with the
+same numbers; a changed knob or changed library code computes its cells again. The record says
+how many cells were computed and reused (``cells``, counted through ``STAMP_CELLS_TALLY``).
+``--no-resume`` runs without stores (everything computed, nothing kept).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stamp_lib.book import study  # noqa: E402
+from stamp_lib.core import cells  # noqa: E402
 from stamp_lib.experiments import cli  # noqa: E402
 
 CELL_TIMEOUT = 4 * 3600  # a full-size cell may take over an hour on 2 cores (chapter 3's table)
@@ -62,16 +72,21 @@ def _parser():
     p = cli.Parser(prog="python .ci/record_full.py", description=__doc__.split("\n\n")[0])
     p.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
                    help="chapter stems or paths, e.g. 03_llm (default: every chapter, notebooks/[0-8]*.md)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="do not keep or reuse finished cells (default: STAMP_RESUME=1, resume from data/cache/cells)")
     return p
 
 
-def record(path: Path, full_dir: Path) -> float:
-    """Execute one chapter at full size into a scratch folder, then move its record into place."""
+def record(path: Path, full_dir: Path, resume: bool = True) -> float:
+    """Execute one chapter at full size into a scratch folder, then move its record into place
+    (with ``cells``: the cells computed and reused, per experiment and in all)."""
     import jupytext
     from nbclient import NotebookClient
 
     scratch = Path(tempfile.mkdtemp(prefix="record-full-"))
-    os.environ.update(STUDY_SIZE="full", STAMP_RESULTS=str(scratch))
+    tally = scratch / "cells.tally"
+    os.environ.update(STUDY_SIZE="full", STAMP_RESULTS=str(scratch), **{cells.ENV_TALLY: str(tally)})
+    os.environ[cells.ENV_RESUME] = "1" if resume else "0"
     t0 = time.perf_counter()
     nb = jupytext.read(path)
     NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=nb.metadata.get("kernelspec", {}).get("name", "python3"),
@@ -79,7 +94,13 @@ def record(path: Path, full_dir: Path) -> float:
     out = scratch / f"{path.stem}.json"
     if not out.is_file():
         raise SystemExit(f"record_full: {path.name} ran but wrote no {out.name} (no run.save()?)")
-    study.write_full_record(json.loads(out.read_text()), full_dir)
+    data = json.loads(out.read_text())
+    by = cells.read_tally(tally)
+    data["cells"] = {"resume": resume, "computed": sum(d["computed"] for d in by.values()),
+                     "reused": sum(d["reused"] for d in by.values()), "by_experiment": by}
+    study.write_full_record(data, full_dir)
+    print(f"record_full: {path.stem}: {data['cells']['computed']} cells computed, {data['cells']['reused']} reused",
+          flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
     return time.perf_counter() - t0
 
@@ -91,7 +112,7 @@ def main(argv: list[str]) -> int:
     for path in paths:
         print(f"record_full: {path.name} at STUDY_SIZE=full ...", flush=True)
         try:
-            wall = record(path, full_dir)
+            wall = record(path, full_dir, a.resume)
         except Exception as exc:  # noqa: BLE001 - report any failure with the chapter's name
             print(f"record_full: {path.name} FAILED: {type(exc).__name__}: {str(exc)[-2000:]}", file=sys.stderr)
             return 1

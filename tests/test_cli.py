@@ -333,7 +333,8 @@ def test_a_stored_command_reruns_the_same_cell(tmp_path):
     its command; running that command again gives the same perplexity."""
     first = tmp_path / "first.json"
     p = _run(["-m", "stamp_lib", "llm", "--model", "smollm2-135m", "--stamp", "dwt", "--windows", "1", "--seq-len",
-              "128", "--hp-tokens", "16", "--calib-windows", "0", "--threads", "1", "--out", str(first), "--quiet"])
+              "128", "--hp-tokens", "16", "--calib-windows", "0", "--threads", "1", "--out", str(first), "--quiet",
+              "--no-resume"])  # computed here, not read from an earlier session's cell
     assert p.returncode == 0, p.stderr
     assert p.stderr == "" and p.stdout.count("\n") == 1 and "perplexity" in p.stdout  # --quiet: the result line only
     rec = json.loads(first.read_text())
@@ -351,7 +352,7 @@ def test_a_stored_command_reruns_the_same_cell(tmp_path):
     second = tmp_path / "second.json"
     rerun = cmd[1:]
     rerun[rerun.index("--out") + 1] = str(second)
-    p = _run(rerun)
+    p = _run(rerun + ["--no-resume"])  # recomputed from the command, not read back
     assert p.returncode == 0, p.stderr
     again = json.loads(second.read_text())
     assert math.isclose(again["eval"]["mean_nll"], rec["eval"]["mean_nll"], rel_tol=1e-9)

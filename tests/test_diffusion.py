@@ -220,11 +220,104 @@ def test_wrong_grid_is_refused(model, refs):
 
 def test_cli_one_row(tmp_path, model):
     out = D.main(["--method", "rtn", "--w-bits", "0", "--seeds", "1", "--images", "2", "--steps", "2",
-                  "--out", str(tmp_path / "r.json")])
+                  "--out", str(tmp_path / "r.json"), "--cells", str(tmp_path / "cells")])
     assert set(out["results"]) == {"base", "stamp"} and out["paired"]["n"] == 2
     assert json.loads((tmp_path / "r.json").read_text())["paired"]["n"] == 2
 
 
-def test_benchmark_smoke(model):
+def test_benchmark_smoke(model, capsys):
     out = D.benchmark(n=1, steps=1, repeats=1)
     assert set(out["time_ratio"]) >= {"fp", "rtn W4A4 + stamp"} and out["time_ratio"]["fp"] == 1.0
+    assert out["target_ratio"] == 2.0 and "previous_time_ratio" not in out
+    # the previous per-call path, timed in the same run; the switches are restored afterwards
+    from stamp_lib.core import quant as Q
+    from stamp_lib.experiments import bench
+
+    out = D.benchmark(n=1, steps=1, repeats=1, previous=True)
+    assert set(out["previous_time_ratio"]) == set(out["time_ratio"]) - {"fp"}
+    assert "previous per-call path" in capsys.readouterr().out
+    assert Q._FUSED and not rcp._LEGACY
+    with bench.previous_hot_path():
+        assert not Q._FUSED and rcp._LEGACY
+    assert Q._FUSED and not rcp._LEGACY
+
+
+# ----------------------------------------------------------------------------- resuming (stamp_lib.core.cells)
+def _same_outcome(a, b):
+    for f in ("sqnr_image", "sqnr_y", "psnr", "seed", "score_sqnr", "score_t", "images"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert a.act_bits == b.act_bits and a.channel_bits == b.channel_bits and a.config is not None
+
+
+def test_references_and_configurations_resume_from_a_store(tmp_path, model, refs, calib):
+    """Each reference and each configuration is one cell: a rerun reuses them (bit for bit, no
+    preparation), evaluate() and run_configs() share the cells, a changed knob is another cell."""
+    from stamp_lib.core.cells import CellStore
+
+    st = CellStore(tmp_path / "cells")
+    r0 = D.reference(model, 0, n=2, steps=STEPS, store=st)
+    r0b = D.reference(model, 0, n=2, steps=STEPS, store=st)
+    assert st.counts() == {"computed": 1, "reused": 1}
+    for f in ("noise", "y", "image", "times"):
+        assert torch.equal(getattr(r0, f), getattr(refs[0], f)) and torch.equal(getattr(r0b, f), getattr(refs[0], f))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(torch.as_tensor(a[1]), torch.as_tensor(b[1]))
+               for a, b in zip(r0b.inputs, refs[0].inputs))
+    assert all(torch.equal(a, b) for a, b in zip(r0b.scores, refs[0].scores))
+    D.reference(model, 0, n=2, steps=STEPS + 1, store=st)  # another knob
+    assert st.counts()["computed"] == 2
+
+    cfgs = {"base": D.galaxy_config("svdquant", rank=4), "stamp": D.galaxy_config("svdquant", rank=4, stamp=True)}
+    plain = D.run_configs(model, cfgs, refs, calib, progress=False)
+    assert plain.counts == {}
+    first = D.run_configs(model, cfgs, refs, calib, progress=False, store=st)
+    assert first.counts == {"computed": 2, "reused": 0}
+    prepared = []
+    real = D.prepare
+    D.prepare = lambda *a, **k: prepared.append(1) or real(*a, **k)
+    try:
+        second = D.run_configs(model, cfgs, refs, calib, progress=False, store=st)
+    finally:
+        D.prepare = real
+    assert second.counts == {"computed": 0, "reused": 2} and prepared == []
+    for k in cfgs:
+        _same_outcome(first[k], plain[k])
+        _same_outcome(second[k], plain[k])
+        assert second[k].config is cfgs[k]
+    assert D.paired(second["base"], second["stamp"]) == D.paired(plain["base"], plain["stamp"])
+    one = D.evaluate(model, cfgs["stamp"], refs, calib=calib, store=st)  # the same cell as run_configs'
+    _same_outcome(one, plain["stamp"])
+    assert st.counts()["reused"] == 1 + 2 + 1
+    n = st.counts()["computed"]
+    D.run_configs(model, cfgs, refs[:1], calib, progress=False, store=st)  # other references
+    D.run_configs(model, {"base": D.galaxy_config("svdquant", rank=2)}, refs, calib, progress=False, store=st)
+    D.run_configs(model, {"base": cfgs["base"]}, refs, calib[:1], progress=False, store=st)  # other calibration
+    assert st.counts()["computed"] == n + 2 + 1 + 1
+
+
+def test_stamp_resume_uses_the_default_store(tmp_path, model, refs, monkeypatch):
+    from stamp_lib.core import cells
+
+    monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(cells.ENV_RESUME, "1")
+    cfgs = {"rtn": D.galaxy_config("rtn", w_bits=None)}
+    a = D.run_configs(model, cfgs, refs[:1], progress=False)
+    b = D.run_configs(model, cfgs, refs[:1], progress=False)
+    assert a.counts == {"computed": 1, "reused": 0} and b.counts == {"computed": 0, "reused": 1}
+    assert len(list((tmp_path / "cache" / "cells" / "diffusion").glob("*.cell"))) == 1
+    _same_outcome(a["rtn"], b["rtn"])
+
+
+def test_cli_resumes(tmp_path, model):
+    argv = ["--method", "rtn", "--seeds", "1", "--images", "1", "--steps", "1", "--out", str(tmp_path / "r.json"),
+            "--cells", str(tmp_path / "cells"), "--quiet"]
+    first = D.main(argv)
+    assert first["cells"]["computed"] == 3 and first["cells"]["reused"] == 0  # one reference, two configurations
+    again = D.main(argv)
+    assert again["cells"]["computed"] == 0 and again["cells"]["reused"] == 3
+    same = [json.dumps(r[k], sort_keys=True) for r in (first, again) for k in ("results", "paired")]
+    assert same[:2] == same[2:]  # every number, NaN spreads of one image included
+    assert again["command"] == first["command"] and "--cells" not in first["command"]
+    fresh = D.main([*argv, "--no-resume"])
+    assert fresh["cells"]["computed"] == 3 and fresh["cells"]["reused"] == 0
+    for k in ("base", "stamp"):
+        assert fresh["results"][k]["sqnr_image_db"] == first["results"][k]["sqnr_image_db"]

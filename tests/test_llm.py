@@ -49,7 +49,7 @@ def test_cli_runs_a_checkpoint_folder_and_writes_every_knob(tmp_path, tokenizer,
     out = tmp_path / "res.json"
     res = llm.main(["--model", str(folder), "--method", method, "--weights", weights, "--stamp", "dwt",
                     "--seq-len", "128", "--windows", "2", "--calib-windows", "1", "--hp-tokens", "16",
-                    "--out", str(out), "--no-progress"])
+                    "--out", str(out), "--no-progress", "--cells", str(tmp_path / "cells")])
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "over 2 windows of 128 tokens" in printed
     saved = json.loads(out.read_text())
@@ -132,3 +132,79 @@ def test_cli_refuses_bad_input_with_one_line(capsys):
             llm.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
+
+
+# ----------------------------------------------------------------------------- resuming (stamp_lib.core.cells)
+def test_cli_reuses_a_stored_cell_and_no_resume_recomputes(tmp_path, tokenizer, capsys):
+    """A rerun of the same cell reuses it (same numbers, nothing evaluated); --no-resume computes it
+    again; another knob is another cell. The results file says which."""
+    folder = _save_tiny("llama", tmp_path / "m", tokenizer)
+    cells = tmp_path / "cells"
+    argv = ["--model", str(folder), "--method", "smoothquant", "--stamp", "dwt", "--seq-len", "64", "--windows", "2",
+            "--calib-windows", "1", "--hp-tokens", "8", "--out", str(tmp_path / "r.json"), "--cells", str(cells)]
+    first = llm.main(argv)
+    assert first["cells"]["computed"] == 1 and first["cells"]["reused"] == 0
+    assert len(list(cells.glob("*.cell"))) == 1
+    capsys.readouterr()
+    again = llm.main(argv)
+    assert "reused the stored cell" in capsys.readouterr().out
+    assert again["cells"]["computed"] == 0 and again["cells"]["reused"] == 1
+    assert again["eval"]["nll_per_window"] == first["eval"]["nll_per_window"]
+    assert again["eval"]["act_bits_spent"] == first["eval"]["act_bits_spent"]
+    assert again["command"] == first["command"] and "--cells" not in first["command"]
+    assert "resume" not in first["command"]
+    fresh = llm.main(argv + ["--no-resume"])
+    assert fresh["cells"]["computed"] == 1 and fresh["cells"]["reused"] == 0
+    assert fresh["eval"]["nll_per_window"] == first["eval"]["nll_per_window"]  # deterministic
+    other = llm.main([*argv, "--hp-bits", "6"])
+    assert other["cells"]["computed"] == 1 and len(list(cells.glob("*.cell"))) == 2
+    with pytest.raises(SystemExit) as e:
+        llm.main([*argv[:-1], str(tmp_path / "r.json")])  # --cells naming a file
+    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_table_resumes_under_stamp_resume(tmp_path, tokenizer, monkeypatch):
+    """``STAMP_RESUME=1`` (what .ci/record_full.py sets) makes run_table use the default store
+    (``<STAMP_CACHE>/cells/llm``): a second run reuses every cell, with the same numbers, and
+    prepares no row; without it nothing is stored."""
+    from stamp_lib.core import cells
+    from stamp_lib.model import recipe as rcp
+
+    folder = _save_tiny("llama", tmp_path / "m", tokenizer)
+    model, tok = llm.load(str(folder))
+    ev, cal = llm.eval_data(tok, 64, 2, 1)
+    rows, cols = (("rtn", "rtn"), ("smoothquant", "rtn")), ("none", "dwt")
+    monkeypatch.setenv("STAMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(cells.ENV_RESUME, raising=False)
+    plain = llm.run_table(model, ev, cal, rows, cols, hp_tokens=8, progress=False)
+    assert plain.counts == {} and not (tmp_path / "cache" / "cells").exists()
+    monkeypatch.setenv(cells.ENV_RESUME, "1")
+    first = llm.run_table(model, ev, cal, rows, cols, hp_tokens=8, progress=False)
+    assert first.counts == {"computed": 5, "reused": 0}
+    assert len(list((tmp_path / "cache" / "cells" / "llm").glob("*.cell"))) == 5
+    prepared = []
+    real = rcp.prepare
+    monkeypatch.setattr(rcp, "prepare", lambda *a, **k: prepared.append(1) or real(*a, **k))
+    second = llm.run_table(model, ev, cal, rows, cols, hp_tokens=8, progress=False)
+    assert second.counts == {"computed": 0, "reused": 5} and prepared == []
+    for t in (first, second):
+        assert torch.equal(t.fp.nll, plain.fp.nll)
+        for row in rows:
+            for col in cols:
+                assert torch.equal(t.cells[row][col].nll, plain.cells[row][col].nll)
+            assert t.paired(row, "dwt") == plain.paired(row, "dwt")
+    # a cell evaluated on its own is the same cell as the table's (same key)
+    r = llm.llm_recipe("smoothquant", stamp="dwt", hp_tokens=8, seq_len=64)
+    st = cells.default_store("llm")
+    one = llm.evaluate(model, ev, r, calib=cal, progress=False, store=st)
+    assert st.counts() == {"computed": 0, "reused": 1}
+    assert torch.equal(one.nll, plain.cells[("smoothquant", "rtn")]["dwt"].nll)
+    # another window set, another calibration set or other weights: other cells
+    llm.run_table(model, ev[:1], cal, rows[:1], cols[:1], hp_tokens=8, progress=False, store=st)
+    assert st.counts()["computed"] == 2  # FP and rtn/none on one window
+    llm.run_table(model, ev, ev[:1], rows[1:], cols[:1], hp_tokens=8, progress=False, store=st)
+    assert st.counts()["computed"] == 3  # smoothquant calibrated on other windows (FP reused)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)
+    after = llm.run_table(model, ev, cal, rows[:1], cols[:1], hp_tokens=8, progress=False, store=st)
+    assert st.counts()["computed"] == 5 and not torch.equal(after.fp.nll, plain.fp.nll)

@@ -9,7 +9,9 @@ numpy and scipy (no models, no other ``stamp_lib`` package).
 * :mod:`.metrics`: SQNR (whole and per sample), energy profiles.
 * :mod:`.autocorr`: the sequence autocorrelation and its summaries (Toeplitz fraction, ...).
 * :mod:`.stats`: paired differences with t intervals.
-* :mod:`.checks`: input validation; :mod:`.io`: atomic writes, file lock, cache/results folders.
+* :mod:`.checks`: input validation; :mod:`.io`: atomic writes, file lock, cache/results folders;
+  :mod:`.cells`: resumable runs (one file per finished cell, keyed by knobs and code);
+  :mod:`.workspace`: the fast paths' scratch buffers.
 """
 
 from . import bounds, metrics, quant, transforms

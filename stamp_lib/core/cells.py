@@ -73,7 +73,9 @@ def _code_hash(root: str) -> str:
 
 def code_hash() -> str:
     """SHA-256 (16 hex digits) of every ``stamp_lib/**/*.py`` except ``stamp_lib/book/``: the code
-    that computes numbers (the book layer only presents them). Computed once per process."""
+    that computes numbers (the book layer only presents them). Computed once per process, when
+    this module is imported (with the experiments), so that a file edited during a long run does
+    not relabel cells computed by the code already loaded."""
     return _code_hash(str(REPO_ROOT))
 
 
@@ -112,7 +114,8 @@ def _tensor_bytes(t) -> bytes:
         return b"meta"
     flat = t.reshape(-1)
     if flat.numel() > _FULL:
-        idx = torch.linspace(0, flat.numel() - 1, _SAMPLE, device=flat.device).long()
+        n = flat.numel()  # evenly spaced, first and last included (integer arithmetic: exact beyond 2**24)
+        idx = torch.arange(_SAMPLE, dtype=torch.int64, device=flat.device) * (n - 1) // (_SAMPLE - 1)
         flat = flat[idx]
     flat = flat.cpu().contiguous()
     if flat.dtype == torch.bool:
@@ -327,3 +330,6 @@ def read_tally(path: str | os.PathLike) -> dict:
                 d = out.setdefault(parts[0], {"computed": 0, "reused": 0})
                 d[parts[1]] += 1
     return out
+
+
+code_hash()  # at import: the code loaded with the experiments

@@ -41,6 +41,13 @@ Bad arguments are refused before anything loads, with one line and exit status 2
 records what ran (Haar levels, bits spent, device, dtype, torch threads) and ``command``, the
 exact command line (every option spelled out) that reruns the cell.
 
+Resuming: every finished cell is kept in a store (:mod:`stamp_lib.core.cells`; ``--cells``, default
+``data/cache/cells/llm``), keyed by the model's weights, the windows, every knob and the library's
+code. A rerun of the same cell (a table of cells run one command at a time, after an interruption)
+reuses it without evaluating (``--resume``, the default); ``--no-resume`` computes it again. The
+results file records ``cells``: how many were computed and reused. :func:`run_table` does the same
+per ``(row, column)`` with ``store=`` (or ``STAMP_RESUME=1``).
+
 The forward-speed benchmark is ``python -m stamp_lib bench llm``.
 
 Quantization is simulated (fake quantization in floating point).
@@ -59,6 +66,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import cells as cellstore
 from ..core import metrics, stats, transforms
 from ..core.io import results_dir, write_json
 from ..methods import FEATURE_OF
@@ -137,16 +145,64 @@ class Eval:
                 "kv_bits_spent": self.kv_bits, "seconds": round(self.seconds, 2), **self.extra}
 
 
+def _cell_key(model_fp: str, windows: torch.Tensor, calib, recipe: Recipe, batch_size: int) -> dict:
+    """The key of one evaluation cell: the model's weights, the windows (and the calibration
+    windows when the recipe uses them), the recipe's knobs and the batch size."""
+    import transformers
+
+    needs = recipe.needs_calibration()
+    return {"experiment": "llm", "model": model_fp, "windows": cellstore.fingerprint(windows),
+            "calib": cellstore.fingerprint(calib) if needs else None, "recipe": recipe.knobs(),
+            "batch_size": batch_size, "transformers": transformers.__version__}
+
+
+def _keyable(recipe: Recipe, prepared, calib) -> bool:
+    """Whether a cell can be keyed: a calibrated recipe given only a preparation (no calibration
+    windows to fingerprint) cannot be, and is computed without a store."""
+    return not (recipe.needs_calibration() and prepared is not None and calib is None)
+
+
+def _eval_value(e: "Eval") -> dict:
+    return {"nll": e.nll, "act_bits": e.act_bits, "kv_bits": e.kv_bits, "seconds": e.seconds, "extra": e.extra}
+
+
+def _eval_from(v: dict, recipe: Recipe) -> "Eval":
+    return Eval(nll=v["nll"], knobs=recipe.knobs(), act_bits=v["act_bits"], kv_bits=v["kv_bits"], seconds=v["seconds"],
+                extra=dict(v["extra"]))
+
+
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, recipe: Recipe, prepared: rcp.Prepared | None = None, *,
-             calib=None, batch_size: int = 1, progress=True) -> Eval:
+             calib=None, batch_size: int = 1, progress=True, store=None) -> Eval:
     """Per-window NLL of ``model`` under ``recipe`` (see :func:`stamp_lib.zoo.models.window_nll`).
 
     ``progress``: ``True`` shows a bar over the windows when stderr is a terminal, ``False`` none;
-    a tqdm bar is advanced by one per window instead (a caller's single bar for its whole run)."""
+    a tqdm bar is advanced by one per window instead (a caller's single bar for its whole run).
+
+    ``store``: a :class:`~stamp_lib.core.cells.CellStore` (or folder) that keeps the result as one
+    cell keyed by the model's weights, the windows, the recipe and the batch size (and the
+    calibration windows ``calib`` when the recipe calibrates; pass them with ``prepared`` too, or
+    the cell is not stored); a stored cell is returned without computing. ``None``: none, unless
+    ``STAMP_RESUME=1`` (:func:`stamp_lib.core.cells.resolve`)."""
     hp = max([r.act.hp_tokens for r in recipe.rules if r.act] + [recipe.kv.hp_tokens if recipe.kv else 0])
     if hp > windows.shape[1]:
         raise ValueError(f"{hp} high-precision tokens do not fit windows of s={windows.shape[1]} tokens")
+    store = cellstore.resolve(store, "llm")
+    key = None
+    if store is not None and _keyable(recipe, prepared, calib):
+        key = _cell_key(cellstore.fingerprint(model), windows, calib, recipe, batch_size)
+        hit = store.get(key)
+        if hit is not None:
+            if hasattr(progress, "update"):
+                progress.update(windows.shape[0])
+            return _eval_from(hit, recipe)
+    out = _evaluate(model, windows, recipe, prepared, calib=calib, batch_size=batch_size, progress=progress)
+    if key is not None:
+        store.put(key, _eval_value(out))
+    return out
+
+
+def _evaluate(model, windows, recipe, prepared, *, calib, batch_size, progress) -> Eval:
     t0 = time.perf_counter()
     with rcp.apply(model, recipe, prepared, calib, progress=progress is True) as st:
         nll = models.window_nll(model, windows, batch_size=batch_size, progress=progress)
@@ -193,43 +249,74 @@ def _column(col: str) -> dict:
 @dataclass
 class Table:
     """The Table 2 analog: ``fp`` and ``cells[(method, weights)][column]`` (:class:`Eval`), all on
-    the same windows; ``knobs`` holds the shared settings."""
+    the same windows; ``knobs`` holds the shared settings; ``counts`` how many cells this run
+    computed and how many it reused from a store (``{}`` without one)."""
 
     fp: Eval
     cells: dict
     knobs: dict
+    counts: dict = field(default_factory=dict)
 
     def paired(self, row, column: str, base: str = "none") -> dict:
         return paired(self.cells[row][base], self.cells[row][column])
 
 
 def run_table(model, eval_windows: torch.Tensor, calib_windows: torch.Tensor | None, rows=ROWS, columns=COLUMNS, *,
-              batch_size: int = 1, progress: bool = True, **recipe_kw) -> Table:
+              batch_size: int = 1, progress: bool = True, store=None, **recipe_kw) -> Table:
     """Evaluate every ``(method, weights)`` row in every column on the same windows. One preparation
-    per row (calibration, smoothing, rotation, GPTQ) serves all its columns."""
+    per row (calibration, smoothing, rotation, GPTQ) serves all its columns.
+
+    ``store``: a :class:`~stamp_lib.core.cells.CellStore` (or folder) keeping every finished cell
+    (the FP row and each ``(row, column)``) as it goes: a rerun, after an interruption, reuses them
+    (a row whose cells are all stored is not even prepared) and computes the rest, with the very
+    same numbers. ``None``: no store, unless ``STAMP_RESUME=1`` (then the default store,
+    ``data/cache/cells/llm``); ``False``: never one. See :mod:`stamp_lib.core.cells`."""
     from tqdm.auto import tqdm
 
+    store = cellstore.resolve(store, "llm")
+    before = store.counts() if store is not None else None
+    model_fp = cellstore.fingerprint(model) if store is not None else None
     seq_len = eval_windows.shape[1]
     recipe_kw.setdefault("seq_len", seq_len)
-    fp = evaluate(model, eval_windows, llm_recipe("fp"), progress=False)
+
+    def cell(recipe, prep_fn, bs):
+        """One cell: stored, or computed (preparing on demand) and stored."""
+        key = _cell_key(model_fp, eval_windows, calib_windows, recipe, bs) if store is not None else None
+        hit = store.get(key) if key is not None else None
+        if hit is not None:
+            return _eval_from(hit, recipe)
+        out = _evaluate(model, eval_windows, recipe, prep_fn(), calib=None, batch_size=bs, progress=False)
+        if key is not None:
+            store.put(key, _eval_value(out))
+        return out
+
+    fp = cell(llm_recipe("fp"), lambda: None, 1)
     cells = {}
     jobs = [(row, col) for row in rows for col in columns]
     bar = tqdm(total=len(jobs), desc="table cells", disable=None if progress else True)  # off in a log file
     for row in rows:
         method, weights = row
         base = llm_recipe(method, weights=weights, **recipe_kw)
-        prep = rcp.prepare(model, base, calib_windows if base.needs_calibration() else None, progress=False)
+        prep = []
+
+        def prepared(base=base, prep=prep):
+            if not prep:  # the row's preparation, only when one of its cells is computed
+                prep.append(rcp.prepare(model, base, calib_windows if base.needs_calibration() else None,
+                                        progress=False))
+            return prep[0]
+
         cells[row] = {}
         for col in columns:
             r = llm_recipe(method, weights=weights, **{**recipe_kw, **_column(col)})
-            cells[row][col] = evaluate(model, eval_windows, r, prep, batch_size=batch_size, progress=False)
+            cells[row][col] = cell(r, prepared, batch_size)
             bar.update(1)
     bar.close()
     knobs = {"seq_len": seq_len, "windows": int(eval_windows.shape[0]),
              "calib_windows": 0 if calib_windows is None else int(calib_windows.shape[0]),
              "recipe_example": llm_recipe(rows[0][0], weights=rows[0][1], **{**recipe_kw, "stamp": "dwt"}).knobs(),
              **{k: v for k, v in recipe_kw.items()}}
-    return Table(fp=fp, cells=cells, knobs=knobs)
+    counts = store.since(before) if store is not None else {}
+    return Table(fp=fp, cells=cells, knobs=knobs, counts=counts)
 
 
 @torch.no_grad()
@@ -299,6 +386,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="float16 is refused for Gemma (it overflows); use bfloat16 or float32")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; the record says how many)")
     p.add_argument("--out", default=None, help="results file (JSON); default data/results/llm/<model>-<recipe>.json")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="reuse the stored cell of these exact settings and code if there is one (the default)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="compute the cell again (and store the new result)")
+    p.add_argument("--cells", default=None, help="folder of stored cells (default data/cache/cells/llm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no messages: only the result line")
     return p
@@ -370,11 +463,15 @@ def validate(a: argparse.Namespace) -> None:
     if a.dtype == "float16" and _is_gemma(a.model):
         raise cli.BadInput(f"--model {a.model} --dtype float16", "Gemma's activations overflow float16 (the perplexity "
                                                                  "turns NaN); pass --dtype bfloat16 or --dtype float32")
+    if a.cells is not None and Path(a.cells).exists() and not Path(a.cells).is_dir():
+        raise cli.BadInput(f"--cells {a.cells}", "is a file, not a folder of stored cells; pass a folder (created if "
+                                                 "missing) or drop --cells for data/cache/cells/llm")
     r = _cli_recipe(a)
     if r.needs_calibration() and a.calib_windows < 1:
         need = "SmoothQuant scales" if a.method == "smoothquant" else "GPTQ"
         raise cli.BadInput(f"--calib-windows {a.calib_windows}", f"--method {a.method} --weights {a.weights} needs "
-                                                                 f"calibration windows ({need}); pass --calib-windows 1 or more")
+                                                                 f"calibration windows ({need}); "
+                                                                 "pass --calib-windows 1 or more")
 
 
 def _cli_recipe(a) -> Recipe:
@@ -398,7 +495,8 @@ def check_inputs(a: argparse.Namespace) -> None:
     elif Path(a.model).expanduser().exists():
         if not (Path(a.model).expanduser() / "config.json").is_file():
             raise cli.BadInput(f"--model {a.model}", "is not a Hugging Face checkpoint folder (no config.json); pass a "
-                                                     f"folder written by save_pretrained, or one of {', '.join(sorted(models.ALIASES))}")
+                                                     "folder written by save_pretrained, or one of "
+                                                     + ", ".join(sorted(models.ALIASES)))
     elif _local_config(a.model) is None:
         raise cli.BadInput(f"--model {a.model}", f"is not a built-in name ({', '.join(sorted(models.ALIASES))}), not a "
                                                  "local folder, and not in the local Hugging Face cache "
@@ -436,11 +534,22 @@ def main(argv=None) -> dict:
         ev = _windows(tok, eval_articles, a, a.windows, "--windows")
         cal = _windows(tok, calib_articles, a, n_cal, "--calib-windows") if n_cal else None
         dev = next(model.parameters()).device
-        bar = cli.bar(a.windows, "prepare weights", quiet=quiet or a.no_progress)
-        prep = rcp.prepare(model, r, None if cal is None else cal.to(dev), progress=False)
-        bar.set_description("perplexity windows")
-        res = evaluate(model, ev.to(dev), r, prep, batch_size=a.batch_size, progress=bar)
-        bar.close()
+        store = (cellstore.CellStore(a.cells, reuse=a.resume, experiment="llm") if a.cells
+                 else cellstore.default_store("llm", reuse=a.resume))
+        key = _cell_key(cellstore.fingerprint(model), ev, cal, r, a.batch_size)
+        hit = store.get(key)
+        if hit is not None:
+            res = _eval_from(hit, r)
+            if not quiet:
+                print(f"reused the stored cell {store.path(key)} (same settings, model and code; --no-resume "
+                      "computes it again)")
+        else:
+            bar = cli.bar(a.windows, "prepare weights", quiet=quiet or a.no_progress)
+            prep = rcp.prepare(model, r, None if cal is None else cal.to(dev), progress=False)
+            bar.set_description("perplexity windows")
+            res = _evaluate(model, ev.to(dev), r, prep, calib=None, batch_size=a.batch_size, progress=bar)
+            bar.close()
+            store.put(key, _eval_value(res))
         facts = cli.run_facts(dev if a.device_map is None else f"device_map={a.device_map}", a.dtype)
     lo, hi = res.ppl_range()
     print(f"{a.model} {r.name} W{a.w_bits}A{a.a_bits}KV{a.kv_bits or 16}: perplexity {res.ppl:.4g} "
@@ -457,10 +566,12 @@ def main(argv=None) -> dict:
                        "act_bits_spent": res.act_bits, "kv_bits_spent": res.kv_bits, **facts},
            "seeds_drawn": [], "windows_drawn": f"the first {a.windows} (calibration: {n_cal}) windows of the "
                                               "evaluation (calibration) split, no random draw",
-           "command": cli.command_line(p, a, applied=applied),
+           "command": cli.command_line(p, a, applied=applied, skip=("quiet", "no_progress", "resume", "cells")),
+           "cells": {**store.counts(), "store": str(store.folder)},
            "protocol": "non-overlapping windows of the evaluation split, tail dropped, mean token NLL, exp",
            "simulated": "fake quantization in floating point", "wall_s": round(time.perf_counter() - t0, 1)}
-    path = Path(a.out) if a.out else results_dir() / "llm" / f"{a.model.replace('/', '_')}-{r.name.replace('/', '_').replace('+', '_')}.json"
+    stem = f"{a.model.replace('/', '_')}-{r.name.replace('/', '_').replace('+', '_')}"
+    path = Path(a.out) if a.out else results_dir() / "llm" / f"{stem}.json"
     write_json(path, out, quiet=quiet)
     return out
 

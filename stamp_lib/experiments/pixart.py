@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core import cells as cellstore
 from ..core import metrics, stats, transforms
 from ..core.io import results_dir, write_json
 from ..methods import FEATURE_OF
@@ -355,33 +356,81 @@ def calibration_inputs(pipe, prompts: Prompts, seeds, height: int, width: int, *
     return rec
 
 
+def _pipe_id(pipe) -> str:
+    """Fingerprint of what a pipeline computes with: transformer and VAE weights, scheduler settings."""
+    sched = json.dumps({"class": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}, sort_keys=True,
+                       default=str)
+    return cellstore.fingerprint([pipe.transformer, pipe.vae, sched])
+
+
 def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0,), height: int, width: int,
-                 steps: int = 20, guidance_scale: float = 4.5, calib: list | None = None, progress=True) -> dict:
+                 steps: int = 20, guidance_scale: float = 4.5, calib: list | None = None, progress=True,
+                 store=None) -> dict:
     """Figure 1 / Table 1 on ``pipe``: per configuration, the SQNR (dB) of every decoded image (and
     of its final latent) against full precision from the same prompt and latents, the bits spent,
     and paired differences ``+stamp`` minus baseline. Returns a JSON-ready dict.
 
     ``progress``: one bar over every generated image (``True``: shown when stderr is a terminal,
-    never in a log file; ``False``: none; a tqdm bar: advanced instead, the caller's single bar)."""
+    never in a log file; ``False``: none; a tqdm bar: advanced instead, the caller's single bar).
+
+    ``store``: a :class:`~stamp_lib.core.cells.CellStore` (or folder) keeping the full-precision
+    images and every configuration as one cell each, as they finish (keyed by the pipeline's
+    weights and scheduler, the prompt embeddings, seeds, size, steps, guidance, the recipe and,
+    when it calibrates, ``calib``): a rerun after an interruption reuses them and generates only
+    the rest. ``None``: none unless ``STAMP_RESUME=1`` (then ``data/cache/cells/pixart``);
+    ``False``: never one. The result's ``cells`` says how many were computed and reused."""
     from tqdm.auto import tqdm
 
     tr = pipe.transformer
     check_transformer(tr)
+    store = cellstore.resolve(store, "pixart")
+    before = store.counts() if store is not None else None
     jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
     outer = progress if hasattr(progress, "update") else None
     bar = outer if outer is not None else tqdm(total=len(jobs) * (1 + len(configs)), desc="images",
                                                disable=None if progress else True, leave=False)
-    ref = {}
-    t0 = time.perf_counter()
-    bar.set_description("full precision")
-    for i, s in jobs:
-        ref[i, s] = generate(pipe, prompts.take(i), initial_latents(pipe, s, height, width), steps=steps,
-                             guidance_scale=guidance_scale)
-        bar.update()
-    fp_seconds = time.perf_counter() - t0
+    base_key = None
+    if store is not None:
+        base_key = {"pipe": _pipe_id(pipe), "prompts": cellstore.fingerprint(
+                        [prompts.embeds, prompts.mask, prompts.neg_embeds, prompts.neg_mask]),
+                    "seeds": list(seeds), "height": height, "width": width, "steps": steps,
+                    "guidance_scale": guidance_scale}
+
+    def full_precision():
+        ref = {}
+        t0 = time.perf_counter()
+        bar.set_description("full precision")
+        for i, s in jobs:
+            ref[i, s] = generate(pipe, prompts.take(i), initial_latents(pipe, s, height, width), steps=steps,
+                                 guidance_scale=guidance_scale)
+            bar.update()
+        return ref, time.perf_counter() - t0
+
+    if store is None:
+        ref, fp_seconds = full_precision()
+    else:
+        fkey = {"experiment": "pixart.fp", **base_key}
+        v = store.get(fkey)
+        if v is None:
+            ref, fp_seconds = full_precision()
+            store.put(fkey, {"images": [list(ref[j]) for j in jobs], "seconds": fp_seconds})
+        else:
+            dev = pipe._execution_device  # stored on the CPU; compared with images made on the pipeline's device
+            ref = {j: tuple(None if t is None else t.to(dev) for t in x) for j, x in zip(jobs, v["images"])}
+            fp_seconds = v["seconds"]
+            bar.update(len(jobs))
     preps, res = {}, {}
     for name, r in configs.items():
         bar.set_description(name)
+        ckey = None
+        if store is not None:
+            ckey = {"experiment": "pixart.config", **base_key, "recipe": r.knobs(),
+                    "calib": cellstore.fingerprint(calib) if r.needs_calibration() and calib is not None else None}
+            v = store.get(ckey)
+            if v is not None:
+                res[name] = v
+                bar.update(len(jobs))
+                continue
         key = r.prep_key()
         if key not in preps:
             if r.needs_calibration() and calib is None:
@@ -398,9 +447,12 @@ def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0
                 bar.update()
         v = torch.cat(img_sq)
         mean, se = stats.mean_se(v)
-        res[name] = {"sqnr_image_db": mean, "se_db": se, "per_image_db": v.tolist(), "sqnr_latent_db": float(torch.cat(lat_sq).mean()),
+        res[name] = {"sqnr_image_db": mean, "se_db": se, "per_image_db": v.tolist(),
+                     "sqnr_latent_db": float(torch.cat(lat_sq).mean()),
                      "act_bits": st.average_bits(), "seconds": round(time.perf_counter() - t0, 2),
                      "recipe": r.knobs()}
+        if ckey is not None:
+            store.put(ckey, res[name])
     if outer is None:
         bar.close()
     pairs = {}
@@ -415,7 +467,8 @@ def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0
             "scheduler": type(pipe.scheduler).__name__,
             "protocol": "SQNR of decoded images (VAE output clamped to [-1, 1]) against full precision from the "
                         "same prompt and initial latents; paired per image",
-            "simulated": "fake quantization in floating point"}
+            "simulated": "fake quantization in floating point",
+            "cells": store.since(before) if store is not None else {}}
 
 
 # ----------------------------------------------------------------------------- real checkpoints
@@ -560,7 +613,8 @@ def check_inputs(a) -> tuple[list[str], list[str]]:
         raise cli.BadInput(f"--prompts {a.prompts}", f"{e}; write one prompt a line, # for comments") from None
     if a.calib_prompts >= len(texts):
         raise cli.BadInput(f"--calib-prompts {a.calib_prompts}", f"leaves no evaluation prompt of the {len(texts)} in "
-                                                                 f"{a.prompts}; pass --calib-prompts {len(texts) - 1} or less")
+                                                                 f"{a.prompts}; "
+                                                                 f"pass --calib-prompts {len(texts) - 1} or less")
     ev_t, cal_t = texts[: len(texts) - a.calib_prompts], texts[len(texts) - a.calib_prompts:]
     if a.n_prompts > len(ev_t):
         raise cli.BadInput(f"--n-prompts {a.n_prompts}", f"{a.prompts} holds {len(ev_t)} evaluation prompts after the "
