@@ -252,7 +252,6 @@ def test_too_small_text_is_refused(make):
 def test_knob_lines_fit_the_column(results, capsys):
     study.start("02_real_activations", knobs={"layers": list(range(30)), "parts": [list(range(10))] * 3})
     assert not plotting.check_lines(capsys.readouterr().out)
-    assert study.TEXT_COLS == plotting.TEXT_COLS
 
 
 def test_displayed_size_follows_the_column():

@@ -34,7 +34,7 @@ Conventions (chapters 1-4 follow them)
   headline numbers beside its own (``run.findings()`` at the end of each chapter, and the claims
   page); :func:`full_record` flags a record as *stale* when the code behind it (the notebook's code
   cells and every ``stamp_lib`` module the notebook imported, except the drawing and bookkeeping
-  modules :data:`PRESENTATION_MODULES`) has changed since it was recorded.
+  modules under ``stamp_lib/book/``, see :func:`is_presentation`) has changed since it was recorded.
 * :func:`cache_dir` is the ignored folder for dequantized weights and activations
   (``STAMP_CACHE`` overrides it).
 """
@@ -61,6 +61,7 @@ import numpy as np
 
 from ..core.io import REPO_ROOT, atomic_write, jsonable, results_dir
 from .claims import CLAIMS, claim, format_conditions, numbers_text, verdict_status
+from .plotting import TEXT_COLS
 
 SIZES = ("small", "full")
 FULL_DIR = REPO_ROOT / "data" / "results" / "full"
@@ -76,7 +77,8 @@ LEGACY_PRESENTATION_FILES = ("stamp_lib/plotting.py", "stamp_lib/study.py")
 def is_presentation(path: str) -> bool:
     """Whether a file of a record's code hash only draws or book-keeps (never makes it stale)."""
     return path.startswith(PRESENTATION_PREFIX) or path in LEGACY_PRESENTATION_FILES
-TEXT_COLS = 76  # = stamp_lib.book.plotting.TEXT_COLS (printed lines that fit the book's column)
+
+
 VERSIONED_PACKAGES = ("torch", "numpy", "scipy", "transformers", "gguf", "PyWavelets", "matplotlib",
                       "jupytext", "nbclient")
 
@@ -133,7 +135,7 @@ def code_files(notebook: str, modules: list[str] | None = None) -> dict[str, str
     """The code behind a notebook's numbers: ``{relative path: sha256}``.
 
     ``notebooks/<nb>.md#code`` (its code cells, if that notebook exists) and the file of every ``stamp_lib`` module in
-    ``modules`` (default: those imported in this process), except :data:`PRESENTATION_MODULES`.
+    ``modules`` (default: those imported in this process), except the book plumbing (:func:`is_presentation`).
     """
     if modules is None:
         modules = [m for m in sys.modules if m == "stamp_lib" or m.startswith("stamp_lib.")]
