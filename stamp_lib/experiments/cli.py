@@ -274,3 +274,14 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def add_resume_options(p, experiment: str, what: str) -> None:
+    """``--resume`` (the default) / ``--no-resume`` and ``--cells DIR``: the finished cells of a run
+    (:mod:`stamp_lib.core.cells`) are reused when the settings and the code are the same."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help=f"reuse the stored {what} of these exact settings and code (the default)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="compute again (and store the new results)")
+    p.add_argument("--cells", default=None, help=f"folder of stored cells (default data/cache/cells/{experiment})")

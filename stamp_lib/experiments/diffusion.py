@@ -620,12 +620,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=16, help="Heun steps, >= 1")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; the record says how many)")
     p.add_argument("--out", default=None, help="results file (JSON)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", dest="resume", action="store_true", default=True,
-                   help="reuse stored references and configurations of these exact settings and code (the default)")
-    g.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="compute everything again (and store the new results)")
-    p.add_argument("--cells", default=None, help="folder of stored cells (default data/cache/cells/diffusion)")
+    cli.add_resume_options(p, "diffusion", "references and configurations")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no messages: only the result lines")
     return p
 

@@ -386,12 +386,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="float16 is refused for Gemma (it overflows); use bfloat16 or float32")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; the record says how many)")
     p.add_argument("--out", default=None, help="results file (JSON); default data/results/llm/<model>-<recipe>.json")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", dest="resume", action="store_true", default=True,
-                   help="reuse the stored cell of these exact settings and code if there is one (the default)")
-    g.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="compute the cell again (and store the new result)")
-    p.add_argument("--cells", default=None, help="folder of stored cells (default data/cache/cells/llm)")
+    cli.add_resume_options(p, "llm", "cell")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no messages: only the result line")
     return p
