@@ -224,6 +224,7 @@ class Outcome:
     error: str | None = None        # exception class name; None if it succeeded
     traceback: str | None = None
     log: list[str] = field(default_factory=list)
+    glued: frozenset = frozenset()  # glue keys: myst-nb moves glue outputs out of the notebook
 
 
 class _Log(logging.LoggerAdapter):
@@ -303,7 +304,8 @@ def execute(path: Path, srcdir: Path = REPO, config_yml: Path | None = None) -> 
         except DeadKernelError as exc:
             return Outcome(client.notebook, True, type(exc).__name__, str(exc), log.lines)
     meta = client.exec_metadata or {}
-    return Outcome(client.notebook, client.executed, meta.get("error"), meta.get("traceback"), log.lines)
+    return Outcome(client.notebook, client.executed, meta.get("error"), meta.get("traceback"), log.lines,
+                   frozenset(client.glue_data))
 
 
 # ---- the Sphinx extension -------------------------------------------------------------------------
