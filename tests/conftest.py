@@ -39,6 +39,11 @@ import torch  # noqa: E402
 
 NOTEBOOK_TESTS = "test_notebooks.py"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under xdist a notebook kernel (its own process, default threads) runs beside the unit tests:
+    # one torch thread here keeps the two from oversubscribing the cores.
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     stray = [i.nodeid for i in items if i.get_closest_marker("notebook") and i.path.name != NOTEBOOK_TESTS]
