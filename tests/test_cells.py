@@ -399,3 +399,19 @@ def test_record_full_resumes_and_records_the_cells(tmp_path, monkeypatch):
     rf.record(nb, full, resume=False)
     assert study.read_full_record(full / f"zz_resume_demo{study.FULL_SUFFIX}")["cells"] == {
         "resume": False, "computed": 0, "reused": 0, "by_experiment": {}}
+
+
+def test_the_rotation_algorithm_is_part_of_every_cell_key(monkeypatch):
+    """A run whose rotations take another algorithm (equal in exact arithmetic, not in float32) is
+    computed, never read back from the first: chapter 4's round-off measurement depends on it."""
+    from stamp_lib.experiments import llm as L
+    from stamp_lib.methods import features as Fe
+    from stamp_lib.model import recipe as R
+
+    r = L.llm_recipe("quarot", stamp="dwt", seq_len=64, hp_tokens=8)
+    w = torch.zeros(1, 64, dtype=torch.long)
+    a = L._cell_key("m", w, None, r, 1)
+    monkeypatch.setattr(Fe.HadamardRotation, "matmul_max", 1 << 30)
+    b = L._cell_key("m", w, None, r, 1)
+    assert a != b and a["numerics"]["hadamard_matmul_max"] != b["numerics"]["hadamard_matmul_max"]
+    assert R.numerics()["hadamard_matmul_max"] == 1 << 30

@@ -237,7 +237,7 @@ def reference(model, seed: int, n: int = 8, steps: int = 16, method: str = "heun
     if store is None:
         return _reference(model, seed, n, steps, method)
     key = {"experiment": "diffusion.reference", "model": cellstore.fingerprint(model), "seed": seed, "n": n,
-           "steps": steps, "method": method}
+           "steps": steps, "method": method, "numerics": rcp.numerics()}
     v = store.get(key)
     if v is not None:
         return Reference(seed, steps, method, v["noise"], v["y"], v["image"], v["times"],
@@ -335,7 +335,7 @@ def _refs_id(refs: list[Reference]) -> list:
 def _outcome_key(model_fp: str, config: Config, refs_id: list, calib, score_batches: int, keep_images: bool) -> dict:
     return {"experiment": "diffusion.evaluate", "model": model_fp, "config": config.knobs(), "refs": refs_id,
             "calib": cellstore.fingerprint(calib) if config.recipe.needs_calibration() else None,
-            "score_batches": score_batches, "keep_images": keep_images}
+            "score_batches": score_batches, "keep_images": keep_images, "numerics": rcp.numerics()}
 
 
 _OUTCOME_FIELDS = ("sqnr_image", "sqnr_y", "psnr", "seed", "score_sqnr", "score_t", "act_bits", "channel_bits",

@@ -153,7 +153,7 @@ def _cell_key(model_fp: str, windows: torch.Tensor, calib, recipe: Recipe, batch
     needs = recipe.needs_calibration()
     return {"experiment": "llm", "model": model_fp, "windows": cellstore.fingerprint(windows),
             "calib": cellstore.fingerprint(calib) if needs else None, "recipe": recipe.knobs(),
-            "batch_size": batch_size, "transformers": transformers.__version__}
+            "batch_size": batch_size, "transformers": transformers.__version__, "numerics": rcp.numerics()}
 
 
 def _keyable(recipe: Recipe, prepared, calib) -> bool:

@@ -394,7 +394,7 @@ def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0
         base_key = {"pipe": _pipe_id(pipe), "prompts": cellstore.fingerprint(
                         [prompts.embeds, prompts.mask, prompts.neg_embeds, prompts.neg_mask]),
                     "seeds": list(seeds), "height": height, "width": width, "steps": steps,
-                    "guidance_scale": guidance_scale}
+                    "guidance_scale": guidance_scale, "numerics": rcp.numerics()}
 
     def full_precision():
         ref = {}

@@ -701,3 +701,15 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
         state._last = None
         for n, p in saved.items():
             resolved[n][0]._parameters["weight"] = p
+
+
+def numerics() -> dict:
+    """The process-wide switches that change a quantized run's floating-point result without
+    changing its recipe (the rotation algorithm, the fused kernels, the FFT engine, torch's thread
+    count): part of every stored cell's key (:mod:`stamp_lib.core.cells`), so that a run with
+    another algorithm is computed, never read back from one with the first."""
+    from ..methods import features
+
+    return {"hadamard_matmul_max": features.HadamardRotation.matmul_max, "fused_quant": quant._FUSED,
+            "fast_haar2d": transforms._FAST_HAAR2D, "feature_cache": features._CACHE, "legacy_hot_path": _LEGACY,
+            "fft_backend": transforms._FFT_BACKEND, "torch_threads": torch.get_num_threads()}
