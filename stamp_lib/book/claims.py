@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Claim", "CLAIMS", "VERDICTS", "claim", "verdict_status", "format_conditions", "numbers_text"]
+__all__ = ["Claim", "CLAIMS", "VERDICTS", "claim", "verdict_status", "format_conditions", "numbers_text", "Judgement",
+           "judge", "signed"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,78 @@ CLAIMS: dict[str, Claim] = {
 VERDICTS = ("partly confirmed", "not confirmed", "confirmed", "refuted", "new")
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """The verdict of :func:`judge`: ``status`` (a :data:`VERDICTS` word), ``reason`` (one
+    sentence naming every comparison that is not on the claim's side beyond its interval) and the
+    labels in each group."""
+
+    status: str
+    reason: str
+    agree: tuple = ()
+    unclear: tuple = ()
+    against: tuple = ()
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.reason}"
+
+
+def signed(x: float) -> str:
+    """A difference for the prose: sign and two decimals (two significant digits below 0.005)."""
+    x = float(x)
+    if x != x:
+        return "n/a"
+    return f"{x:+.2f}" if abs(x) >= 0.005 or x == 0 else f"{x:+.2g}"
+
+
+def _interval_text(e: dict, unit: str) -> str:
+    return f"{signed(e['mean'])} [{signed(e['ci_lo'])}, {signed(e['ci_hi'])}]{unit}"
+
+
+def judge(effects: dict, *, better: str, unit: str = "", what: str = "STaMP helps") -> Judgement:
+    """The one verdict rule of the book. ``effects``: ``{label: comparison}``, one per model and
+    baseline the claim covers, each a dict with ``mean``, ``ci_lo``, ``ci_hi`` (the 95% interval
+    of a paired difference, :mod:`stamp_lib.core.stats`); ``better``: the side the claim predicts
+    (``"lower"``: a negative difference, e.g. NLL; ``"higher"``: a positive one, e.g. SQNR).
+
+    ``confirmed`` only when every interval lies on the predicted side of zero; ``not confirmed``
+    when none does; ``partly confirmed`` otherwise. The reason names the comparisons whose
+    interval holds zero and those on the other side, with their intervals; ``what`` is its subject
+    and verb (e.g. ``"STaMP lowers the mean NLL"``), ``unit`` follows each interval."""
+    if better not in ("lower", "higher"):
+        raise ValueError(f"better must be 'lower' or 'higher', got {better!r}")
+    if not effects:
+        raise ValueError("judge needs at least one comparison")
+    sign = -1.0 if better == "lower" else 1.0
+    agree, unclear, against = [], [], []
+    for label, e in effects.items():
+        lo, hi = sign * e["ci_lo"], sign * e["ci_hi"]
+        lo, hi = min(lo, hi), max(lo, hi)
+        if not (lo == lo and hi == hi):  # NaN interval (one unit): not beyond anything
+            unclear.append(label)
+        elif lo > 0:
+            agree.append(label)
+        elif hi < 0:
+            against.append(label)
+        else:
+            unclear.append(label)
+    n = len(effects)
+    parts = []
+    if unclear:
+        parts.append("interval holds zero on " + "; ".join(f"{k} {_interval_text(effects[k], unit)}" for k in unclear))
+    if against:
+        parts.append("the other way on " + "; ".join(f"{k} {_interval_text(effects[k], unit)}" for k in against))
+    if len(agree) == n:
+        status, reason = "confirmed", f"{what} beyond the 95% interval in all {n} comparisons"
+    elif agree:
+        status = "partly confirmed"
+        reason = f"{what} beyond the 95% interval in {len(agree)} of {n} comparisons; " + "; ".join(parts)
+    else:
+        status = "not confirmed"
+        reason = f"in none of the {n} comparisons beyond the 95% interval; " + "; ".join(parts)
+    return Judgement(status, reason, tuple(agree), tuple(unclear), tuple(against))
+
+
 def claim(key: str) -> Claim:
     """The registered claim ``key``; ``KeyError`` naming the known keys otherwise."""
     if key not in CLAIMS:
@@ -168,16 +241,25 @@ def format_conditions(cond: dict) -> str:
     parts = []
     for k, v in cond.items():
         if isinstance(v, float):
-            from .plotting import num
-
-            v = num(v, 4)
+            v = _short(v)
         elif isinstance(v, (list, tuple)):
-            v = ", ".join(str(x) for x in v)
+            v = ", ".join(_short(x) if isinstance(x, float) else str(x) for x in v)
         parts.append(f"{k} = {v}" if len(k) <= 2 else f"{k} {v}")
     return ", ".join(parts)
 
 
+def _short(v: float) -> str:
+    """A setting for the prose: exact when five significant digits hold it (4.125, 4.0625 bits),
+    else three (:func:`stamp_lib.book.plotting.num`)."""
+    from .plotting import num
+
+    t = f"{v:.5g}"
+    return t if float(t) == v and "e" not in t else num(v)
+
+
 def numbers_text(v: dict | None) -> str:
+    """``**status**; label: number; ...`` for a findings table: three significant digits
+    (:func:`stamp_lib.book.plotting.num`), or ``not recorded``."""
     if v is None:
         return "not recorded"
     from .plotting import num
