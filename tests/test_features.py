@@ -234,13 +234,14 @@ def test_property_hadamard_is_orthogonal_and_folds_exactly(n, seed, data_seed):
         torch.testing.assert_close(T.inverse(T.forward(x)), x, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="features.HadamardRotation._factors: order 1 has no Kronecker factor (fs == [])")
 def test_order_one_on_the_kronecker_path():
-    T = HadamardRotation(1, seed=3)
-    T.matmul_max = 0
-    x = torch.randn(4, 1, dtype=torch.float64)
-    torch.testing.assert_close(T.forward(x), x @ T.R, rtol=0, atol=0)
+    for seed in (None, 3):
+        T = HadamardRotation(1, seed=seed)
+        T.matmul_max = 0
+        x = torch.randn(4, 1, dtype=torch.float64)
+        torch.testing.assert_close(T.forward(x), x @ T.R, rtol=0, atol=0)
+        torch.testing.assert_close(T.inverse(T.forward(x)), x, rtol=0, atol=0)
+        torch.testing.assert_close(T.fold_weight(x), x @ T.R, rtol=0, atol=0)
 
 
 @PROPS

@@ -356,3 +356,63 @@ def test_errors_name_the_problem():
         with kv_quantization(model, lambda *a: a[2]):
             pass
     assert model.config._attn_implementation == "flash_attention_2" and no_leftovers(model)
+
+
+# --- head-wise query/key rotation (QuaRot's online Hadamard after RoPE) ---------------------------
+
+def _orthogonal(d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q.float()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arch", MODELS)
+def test_qk_rotation_keeps_the_logits_and_the_quantizer_sees_rotated_keys(arch, impl):
+    model = MODELS[arch](impl)
+    ids = ids_for(model)
+    H = _orthogonal(kv_shape(model.config, 1, 1)[-1])
+    seen = {}
+
+    def keep(tag):
+        def quantize(layer_idx, kind, x, offset):
+            seen[(tag, layer_idx, kind)] = x.clone()
+            return x
+        return quantize
+
+    queries = []
+
+    def rotate(x):
+        queries.append(tuple(x.shape))
+        return x @ H
+
+    with torch.no_grad():
+        plain = model(ids, use_cache=False).logits
+        with kv_quantization(model, keep("plain")):
+            model(ids, use_cache=False)
+        with kv_quantization(model, keep("rot"), qk_rotation=rotate):
+            rot = model(ids, use_cache=False).logits
+        with kv_quantization(model, qk_rotation=lambda x: x @ H):  # no quantizer: the rotation alone
+            alone = model(ids, use_cache=False).logits
+    torch.testing.assert_close(rot, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, plain, atol=1e-5, rtol=1e-5)
+    cfg = model.config
+    for layer in range(cfg.num_hidden_layers):
+        k0, k1 = seen[("plain", layer, "key")], seen[("rot", layer, "key")]
+        torch.testing.assert_close(k1, k0 @ H, atol=1e-5, rtol=1e-5)
+        assert (k1 - k0).abs().max() > 1e-2
+        v0, v1 = seen[("plain", layer, "value")], seen[("rot", layer, "value")]  # values untouched
+        assert torch.equal(v1, v0) if layer == 0 else torch.allclose(v1, v0, atol=1e-5, rtol=1e-5)
+    q_shape = (*ids.shape[:1], cfg.num_attention_heads, ids.shape[1], H.shape[0])
+    assert queries == [q_shape, kv_shape(cfg, *ids.shape)] * cfg.num_hidden_layers
+    assert no_leftovers(model)
+
+
+def test_qk_rotation_errors_name_the_problem():
+    model = tiny_llama("sdpa")
+    with pytest.raises(ValueError, match="nothing to do"):
+        with kv_quantization(model):
+            pass
+    with pytest.raises(ValueError, match="qk_rotation of the query"):
+        with torch.no_grad(), kv_quantization(model, qk_rotation=lambda x: x[..., :1]):
+            model(ids_for(model), use_cache=False)
+    assert model.config._attn_implementation == "sdpa" and no_leftovers(model)

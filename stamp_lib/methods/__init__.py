@@ -6,14 +6,18 @@ Imports :mod:`stamp_lib.core` only.
 * :mod:`.gptq`: GPTQ weight quantization and its Hessian accumulator.
 
 :data:`FEATURE_OF` is the one table from a baseline's name to its feature transform (the LLM
-chapter's ``rtn`` / ``smoothquant`` / ``quarot``, the image chapter's ``rtn`` / ``hadamard`` /
+chapter's ``rtn`` / ``smoothquant`` / ``hadamard``, the image chapter's ``rtn`` / ``hadamard`` /
 ``svdquant``); ``svdquant`` adds a low-rank full-precision branch to SmoothQuant-style scales.
+``quarot`` has no per-linear feature transform: it rotates the whole network
+(:mod:`stamp_lib.model.quarot`, ``Recipe(network="quarot")``); ``hadamard`` is the per-linear
+variant (an online Hadamard on every linear's input, folded into its weight).
 """
 
-FEATURE_OF = {"fp": None, "rtn": None, "smoothquant": "smoothquant", "quarot": "hadamard",
+FEATURE_OF = {"fp": None, "rtn": None, "smoothquant": "smoothquant", "quarot": None,
               "hadamard": "hadamard", "svdquant": "smoothquant"}
 
-LLM_BASELINES = ("fp", "rtn", "smoothquant", "quarot")  # the paper's Table 2 rows (FlatQuant: not yet)
+# the paper's Table 2 rows (FlatQuant: not yet), and the per-linear Hadamard variant ("hadamard")
+LLM_BASELINES = ("fp", "rtn", "smoothquant", "quarot", "hadamard")
 IMAGE_BASELINES = ("fp", "rtn", "hadamard", "svdquant")  # Table 1 / Figure 1 rows (ViDiT-Q: not yet)
 
 __all__ = ["FEATURE_OF", "LLM_BASELINES", "IMAGE_BASELINES"]

@@ -230,6 +230,8 @@ class HadamardRotation(Rotation):
             if self.plan.m > 1:
                 A = self._A if transpose else self._A.T  # x H contracts with A^T, x H^T with A
                 fs.insert(0, A.to(dtype=dtype, device=device).contiguous())
+            if not fs:  # order 1: no Kronecker factor at all; H_1 = [[1]]
+                fs = [torch.ones(1, 1, dtype=dtype, device=device)]
             if scaled:
                 fs[0] = (fs[0].to(torch.float64) / math.sqrt(self.d)).to(dtype).contiguous()
             signs = None if self.signs is None else self.signs.to(dtype=dtype, device=device)

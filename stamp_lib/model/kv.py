@@ -14,8 +14,12 @@ with ``key`` already rotated (and, for Gemma 3, normalised) and, when a cache is
 concatenated with the cached keys. :func:`kv_quantization` registers a uniquely named attention
 function (``AttentionInterface.register``) that replaces ``key`` and ``value`` by
 ``quantize(layer_idx, kind, x, offset)`` and then calls the implementation the model was using
-(``"sdpa"`` or ``"eager"``) with every other argument untouched. The query is never touched. No
-modeling code is forked.
+(``"sdpa"`` or ``"eager"``) with every other argument untouched. No modeling code is forked.
+
+Optionally (``qk_rotation=``) the query and the key are first rotated head-wise along the head
+dimension by one orthogonal map, ``q -> q H``, ``k -> k H`` (QuaRot's online Hadamard after RoPE,
+:mod:`stamp_lib.model.quarot`): the scores :math:`q H (k H)^\top = q k^\top` are unchanged in exact
+arithmetic, and the key quantizer sees the rotated keys. Without it the query is never touched.
 
 What the quantizer sees (pitfalls worth knowing):
 
@@ -98,8 +102,9 @@ class _Context:
     """State of one :func:`kv_quantization` context: its quantizer and the cache sizes read by
     the pre-hooks (keyed by module id, written just before each attention forward)."""
 
-    def __init__(self, quantize: Callable):
+    def __init__(self, quantize: Callable | None, qk_rotation: Callable | None = None):
         self.quantize = quantize
+        self.qk_rotation = qk_rotation
         self.sizes: dict[int, tuple[int, int, int] | None] = {}
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -141,6 +146,16 @@ class _Context:
             )
         return y
 
+    def rotate(self, layer_idx: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        y = self.qk_rotation(x)
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+            got = (tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(
+                f"kv_quantization: qk_rotation of the {kind} (layer {layer_idx}) must return a tensor of shape "
+                f"{tuple(x.shape)} and dtype {x.dtype}, got {got}."
+            )
+        return y
+
     def wrapper(self, implementation: str) -> Callable:
         def kv_quantized_attention(module, query, key, value, attention_mask, *args, **kwargs):
             layer_idx = getattr(module, "layer_idx", None)
@@ -149,17 +164,23 @@ class _Context:
                     f"kv_quantization: attention module {type(module).__name__} has no integer layer_idx "
                     f"(got {layer_idx!r}); cannot tell the quantizer which layer it is."
                 )
-            offset = self.offset(module, query, key)
-            key = self.apply(layer_idx, "key", key, offset)
-            value = self.apply(layer_idx, "value", value, offset)
+            if self.qk_rotation is not None:
+                query = self.rotate(layer_idx, "query", query)
+                key = self.rotate(layer_idx, "key", key)
+            if self.quantize is not None:
+                offset = self.offset(module, query, key)
+                key = self.apply(layer_idx, "key", key, offset)
+                value = self.apply(layer_idx, "value", value, offset)
             return _resolve(module, implementation)(module, query, key, value, attention_mask, *args, **kwargs)
 
         return kv_quantized_attention
 
 
 @contextlib.contextmanager
-def kv_quantization(model: nn.Module, quantize: Callable[[int, str, torch.Tensor, int], torch.Tensor]):
-    """Fake-quantize keys (after RoPE) and values of every self-attention layer of ``model``.
+def kv_quantization(model: nn.Module, quantize: Callable[[int, str, torch.Tensor, int], torch.Tensor] | None = None,
+                    *, qk_rotation: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """Fake-quantize keys (after RoPE) and values of every self-attention layer of ``model``
+    (and/or rotate its queries and keys head-wise).
 
     Args:
         model: a transformers ``PreTrainedModel`` whose attention layers dispatch through
@@ -171,7 +192,11 @@ def kv_quantization(model: nn.Module, quantize: Callable[[int, str, torch.Tensor
             dtype. ``offset`` is the absolute index (in the token stream, pad tokens included) of
             ``x[..., 0, :]``: 0 without a cache and for full-attention layers of a dynamic cache;
             ``seen - sliding_window + 1`` in sliding-window layers once their cache is full (see the
-            module docstring, also for static caches). The query is never quantized.
+            module docstring, also for static caches). The query is never quantized. ``None``: no
+            quantization (only ``qk_rotation``).
+        qk_rotation: ``None`` or a map ``x -> x H`` over the last (head) dim of a ``(B, H, S, D)``
+            query or key, with H orthogonal, applied to both (after RoPE, before ``quantize``) so
+            that the attention scores are unchanged; must keep shape and dtype.
 
     Yields ``None``. On exit (normal or by exception) every switched config gets its original
     ``_attn_implementation`` back, the pre-hooks are removed and the registered names are deleted
@@ -179,11 +204,15 @@ def kv_quantization(model: nn.Module, quantize: Callable[[int, str, torch.Tensor
 
     Raises:
         TypeError: ``model`` is not a transformers ``PreTrainedModel``.
-        ValueError: no submodule has an integer ``layer_idx``; or (during forward) an attention
-            module without one; or ``quantize`` returned a wrong shape/dtype.
+        ValueError: neither ``quantize`` nor ``qk_rotation`` given; no submodule has an integer
+            ``layer_idx``; or (during forward) an attention module without one; or ``quantize`` /
+            ``qk_rotation`` returned a wrong shape/dtype.
         NotImplementedError: an attention implementation the wrapper cannot delegate to
             (flash attention, flex attention, paged, None, custom names).
     """
+    if quantize is None and qk_rotation is None:
+        raise ValueError("kv_quantization: pass quantize= (the K/V quantizer), qk_rotation= (a head-wise "
+                         "query/key rotation) or both; with neither there is nothing to do.")
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"kv_quantization needs a transformers PreTrainedModel (attention dispatched through "
@@ -214,7 +243,7 @@ def kv_quantization(model: nn.Module, quantize: Callable[[int, str, torch.Tensor
                 "model.set_attn_implementation('sdpa') first."
             )
 
-    ctx = _Context(quantize)
+    ctx = _Context(quantize, qk_rotation)
     context_id = next(_counter)
     names = {impl: f"{_NAME_PREFIX}{context_id}_{i}" for i, impl in enumerate(sorted(set(originals.values())))}
     stack = contextlib.ExitStack()

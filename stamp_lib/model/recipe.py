@@ -11,14 +11,22 @@ Applying a recipe is two steps:
    layer, the feature transform R to fold (a QuaRot-style Hadamard rotation, or SmoothQuant's
    diagonal scale from calibration statistics) and the weight :math:`W' = Q_w(W R^{-\top})`
    quantized in that basis (round-to-nearest, or GPTQ with the Hessian of the calibration inputs,
-   rotated with R). The result depends only on the rules' feature and weight settings, so one
-   preparation serves a recipe with and without STaMP.
+   rotated with R). The result depends only on the rules' feature and weight settings (and the network
+   preparation), so one preparation serves a recipe with and without STaMP.
+
+   ``Recipe(..., network="quarot", network_seed=s)`` adds QuaRot as a model-level step first
+   (:mod:`stamp_lib.model.quarot`): the plan's parameters (norms fused, residual stream rotated,
+   values rotated per head) are swapped in while calibrating and quantizing, the plan's online
+   transforms (down_proj's input, o_proj's input; every linear input on Gemma-3) become the
+   layers' feature transforms R, and queries and keys are rotated per head after RoPE.
 2. :func:`apply`, a context manager: swaps in the prepared weights (the original ``Parameter``
    objects are put back on exit, so tied weights stay tied and the model is restored bit for bit),
    and hooks every matched layer's input (:mod:`stamp_lib.model.hooks`) to replace it by
    :math:`L^{-1} Q_b(L X R)` (:func:`stamp_lib.core.quant.stamp_fake_quant` with ``undo_feature=False``:
    the layer's weight absorbed :math:`R^{-\top}`); with ``recipe.kv`` set, keys (after RoPE) and
    values are fake-quantized through transformers' attention interface (:mod:`stamp_lib.model.kv`).
+   With ``network="quarot"`` the plan's parameters are swapped in first (and put back last) and the
+   Q/K rotation runs in that attention wrapper too, also without ``recipe.kv``.
 
 Bits follow absolute positions: row i of a chunk of s tokens that starts at absolute position p
 gets ``hp_bits`` if ``p + i < hp_tokens``, else ``lp_bits``. In a full-sequence forward (p = 0)
@@ -53,11 +61,12 @@ from ..methods import features, gptq, smoothquant
 from . import capture, hooks
 
 __all__ = ["ActQuant", "WeightQuant", "Rule", "Recipe", "Prepared", "prepare", "apply",
-           "FEATURE_METHODS", "WEIGHT_METHODS", "SEQUENCE_TRANSFORMS"]
+           "FEATURE_METHODS", "WEIGHT_METHODS", "SEQUENCE_TRANSFORMS", "NETWORK_METHODS"]
 
-SEQUENCE_TRANSFORMS = ("identity", "dct", "wht", "dwt")
+SEQUENCE_TRANSFORMS = ("identity", "dct", "wht", "dwt", "mean")
 FEATURE_METHODS = (None, "hadamard", "smoothquant")
 WEIGHT_METHODS = ("rtn", "gptq")
+NETWORK_METHODS = (None, "quarot")
 
 # private: True restores the previous per-call path (bit vectors keyed on the raw position and copied
 # per miss, position read back from cache_position first, NaN check of every CPU input by default,
@@ -81,7 +90,8 @@ class ActQuant:
     Attributes:
         bits: int, or ``"HxB+L"`` (the first H rows at B bits, the others at L; e.g. ``"64x8+4"``).
         transform: the sequence transform L: ``"identity"`` (plain per-token quantization),
-            ``"dct"``, ``"wht"`` (power-of-two lengths) or ``"dwt"`` (Haar).
+            ``"dct"``, ``"wht"`` (power-of-two lengths), ``"dwt"`` (Haar) or ``"mean"`` (the control
+            that separates only the mean token, :class:`~stamp_lib.core.transforms.MeanToken`).
         levels: Haar levels (``None``: as many as the length allows); capped for short sequences.
         grid: ``None`` (1-D along the tokens), ``(h, w)`` (2-D Haar over a token grid), or
             ``"auto"`` (the grid set at run time by :meth:`Applied.set_grid`, e.g. from a DiT's latent).
@@ -191,10 +201,11 @@ class Rule:
     r"""Settings for the linear layers whose qualified names match ``patterns`` (glob, ``re:``).
 
     ``feature``: ``None``, ``"hadamard"`` (an orthogonal Hadamard rotation of the input features,
-    folded into the weight before it is quantized) or ``"smoothquant"`` (per-channel scales from
-    calibration, ``alpha`` the migration strength). ``hadamard_seed``: with ``feature="hadamard"``,
-    QuaRot's randomized rotation :math:`D H/\sqrt n` (random signs D drawn from the seed);
-    ``None`` (default) is the plain :math:`H/\sqrt n`. ``act`` / ``weight``: ``None`` leaves them
+    folded into the weight before it is quantized: a per-linear online variant of QuaRot, not
+    QuaRot itself, which is ``Recipe(network="quarot")``) or ``"smoothquant"`` (per-channel scales
+    from calibration, ``alpha`` the migration strength). ``hadamard_seed``: with
+    ``feature="hadamard"``, the randomized rotation :math:`D H/\sqrt n` (random signs D drawn from
+    the seed); ``None`` (default) is the plain :math:`H/\sqrt n`. ``act`` / ``weight``: ``None`` leaves them
     in full precision."""
 
     patterns: str | tuple = "*"
@@ -235,12 +246,18 @@ class Rule:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Rules (first match wins; every rule must match a module) and an optional KV setting
-    (:class:`ActQuant` applied to keys after RoPE and to values, per token and head)."""
+    """Rules (first match wins; every rule must match a module), an optional KV setting
+    (:class:`ActQuant` applied to keys after RoPE and to values, per token and head) and an
+    optional model-level preparation ``network``: ``None`` or ``"quarot"`` (QuaRot, Ashkboos et
+    al. 2024, :mod:`stamp_lib.model.quarot`; ``network_seed`` draws the random signs of its
+    residual rotation). With ``network="quarot"`` every rule's ``feature`` must be ``None``: the
+    plan supplies the feature transforms."""
 
     rules: tuple = ()
     kv: ActQuant | None = None
     name: str = ""
+    network: str | None = None
+    network_seed: int = 0
 
     def __post_init__(self):
         rules = (self.rules,) if isinstance(self.rules, Rule) else tuple(self.rules)
@@ -249,17 +266,33 @@ class Recipe:
         object.__setattr__(self, "rules", rules)
         if self.kv is not None and not isinstance(self.kv, ActQuant):
             raise TypeError(f"kv must be an ActQuant or None, got {type(self.kv).__name__}")
+        if self.network not in NETWORK_METHODS:
+            raise ValueError(f"unknown network preparation {self.network!r}; choose one of {NETWORK_METHODS}")
+        seed = self.network_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"network_seed must be an int >= 0, got {seed!r}")
+        if self.network is None and seed != 0:
+            raise ValueError(f"network_seed={seed} needs network='quarot' (it seeds QuaRot's rotation); "
+                             "for a per-linear rotation use Rule(feature='hadamard', hadamard_seed=...)")
+        if self.network == "quarot":
+            bad = [r.patterns for r in rules if r.feature is not None]
+            if bad:
+                raise ValueError(f"network='quarot' supplies the feature transforms itself, but the rules for {bad} "
+                                 "set feature=...; set feature=None in every rule (or drop network='quarot')")
 
     def prep_key(self) -> tuple:
-        return tuple(r.prep_key() for r in self.rules)
+        key = tuple(r.prep_key() for r in self.rules)
+        return key if self.network is None else key + (("network", self.network, self.network_seed),)
 
     def needs_calibration(self) -> bool:
         return any(r.feature == "smoothquant" or (r.weight is not None and r.weight.method == "gptq")
                    for r in self.rules)
 
     def knobs(self) -> dict:
-        return {"name": self.name, "rules": [r.knobs() for r in self.rules],
-                "kv": self.kv.knobs() if self.kv else None}
+        d = {"name": self.name, "rules": [r.knobs() for r in self.rules], "kv": self.kv.knobs() if self.kv else None}
+        if self.network is not None:  # only then: the knobs (and stored cells' keys) of other recipes are unchanged
+            d.update(network=self.network, network_seed=self.network_seed)
+        return d
 
     def resolve(self, model: nn.Module) -> dict[str, tuple[nn.Linear, Rule]]:
         """``{name: (module, rule)}`` for every linear layer some rule matches (first rule wins)."""
@@ -277,13 +310,16 @@ class Recipe:
 class Prepared:
     """What :func:`prepare` computed: per layer, the feature transform, the (folded,
     quantized) weight and, for ``lowrank`` rules, the factors (A, B) of the full-precision branch
-    :math:`L_r = A B`, plus calibration facts. Reusable for every recipe with the same ``key``."""
+    :math:`L_r = A B`, plus calibration facts; ``plan``: the :class:`stamp_lib.model.quarot.QuaRotPlan`
+    of a ``network="quarot"`` recipe (its weights are then those of the rotated network).
+    Reusable for every recipe with the same ``key``."""
 
     key: tuple
     features: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
     lowrank: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    plan: object = None
 
 
 class _Stats:
@@ -311,9 +347,29 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
     ``calib``: what :func:`stamp_lib.model.capture.capture_inputs` accepts (e.g. token windows (n, s));
     needed only for SmoothQuant or GPTQ (an error says so when it is missing). Modules that share
     one input tensor (q/k/v, gate/up) share SmoothQuant scales, computed with the largest weight
-    magnitude over the group (as when the scale is folded into the preceding norm)."""
+    magnitude over the group (as when the scale is folded into the preceding norm).
+
+    ``recipe.network="quarot"``: the QuaRot plan is built first and everything below runs on the
+    rotated network (its parameters swapped in, :func:`stamp_lib.model.quarot.rotated` without the
+    online parts): GPTQ Hessians are those of the inputs the rotated network feeds the layer, turned
+    into those of the quantized inputs :math:`x R` by :math:`R^\top H R` for the plan's online
+    transforms R, which become ``prepared.features`` of the matched layers (a layer no rule matches
+    keeps its plain input and its rotated, unfolded weight: exact, and not quantized anyway)."""
+    if recipe.network is None:
+        return _prepare(model, recipe, calib, forward, batch_size, progress, None)
+    from . import quarot
+
+    plan = quarot.quarot_plan(model, seed=recipe.network_seed)
+    with quarot.rotated(model, plan, online=False):
+        return _prepare(model, recipe, calib, forward, batch_size, progress, plan)
+
+
+def _prepare(model, recipe, calib, forward, batch_size, progress, plan) -> Prepared:
     resolved = recipe.resolve(model)
-    prep = Prepared(key=recipe.prep_key())
+    prep = Prepared(key=recipe.prep_key(), plan=plan)
+    if plan is not None:
+        prep.features.update({n: plan.online[n] for n in resolved if n in plan.online})
+        prep.info["network"] = plan.description
     sq = [n for n, (m, r) in resolved.items() if r.feature == "smoothquant"]
     gq = [n for n, (m, r) in resolved.items() if r.weight is not None and r.weight.method == "gptq"]
     stats, aliases = None, {}
@@ -673,34 +729,46 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
         state._last = None
         return None
 
+    plan = prepared.plan
+    if (plan is None) != (recipe.network is None):
+        raise ValueError(f"the recipe has network={recipe.network!r} but prepared carries "
+                         f"{'no' if plan is None else 'a'} QuaRot plan; call prepare(model, recipe, calib) again")
+    if plan is None:
+        outer = contextlib.nullcontext()
+    else:
+        from . import quarot
+
+        outer = quarot.rotated(model, plan, online=False)  # entered first, left last
     saved = {}
     stack = contextlib.ExitStack()
-    try:
-        with torch.no_grad():
-            for n, Wq in prepared.weights.items():
-                m = resolved[n][0]
-                saved[n] = m._parameters["weight"]
-                m._parameters["weight"] = nn.Parameter(Wq, requires_grad=False)
-        stack.enter_context(hooks.module_hook(model, on_model))
-        stack.enter_context(hooks.input_hooks(hooked, on_input))
-        names_of = {id(resolved[n][0]): n for n in prepared.lowrank}
-        for n in prepared.lowrank:
-            stack.enter_context(hooks.module_hook(resolved[n][0], add_lowrank, "post"))
-        if recipe.kv is not None:
-            from . import kv
+    with outer:
+        try:
+            with torch.no_grad():
+                for n, Wq in prepared.weights.items():
+                    m = resolved[n][0]
+                    saved[n] = m._parameters["weight"]
+                    m._parameters["weight"] = nn.Parameter(Wq, requires_grad=False)
+            stack.enter_context(hooks.module_hook(model, on_model))
+            stack.enter_context(hooks.input_hooks(hooked, on_input))
+            names_of = {id(resolved[n][0]): n for n in prepared.lowrank}
+            for n in prepared.lowrank:
+                stack.enter_context(hooks.module_hook(resolved[n][0], add_lowrank, "post"))
+            if recipe.kv is not None or plan is not None:
+                from . import kv
 
-            def quantize_kv(layer_idx, kind, x, offset):
-                out, tok, bits = state.quantize(recipe.kv, x, offset)
-                state.count(f"kv.{layer_idx}.{kind}", tok, bits)
-                return out
+                def quantize_kv(layer_idx, kind, x, offset):
+                    out, tok, bits = state.quantize(recipe.kv, x, offset)
+                    state.count(f"kv.{layer_idx}.{kind}", tok, bits)
+                    return out
 
-            stack.enter_context(kv.kv_quantization(model, quantize_kv))
-        with stack:
-            yield state
-    finally:
-        state._last = None
-        for n, p in saved.items():
-            resolved[n][0]._parameters["weight"] = p
+                stack.enter_context(kv.kv_quantization(model, quantize_kv if recipe.kv is not None else None,
+                                                       qk_rotation=None if plan is None else plan.qk.forward))
+            with stack:
+                yield state
+        finally:
+            state._last = None
+            for n, p in saved.items():
+                resolved[n][0]._parameters["weight"] = p
 
 
 def numerics() -> dict:
