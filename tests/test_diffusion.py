@@ -321,3 +321,118 @@ def test_cli_resumes(tmp_path, model):
     assert fresh["cells"]["computed"] == 3 and fresh["cells"]["reused"] == 0
     for k in ("base", "stamp"):
         assert fresh["results"][k]["sqnr_image_db"] == first["results"][k]["sqnr_image_db"]
+
+
+# ----------------------------------------------------------------------------- the mean-token control, groups
+@pytest.mark.parametrize("s", [2, 5, 16, 256])
+def test_mean_token_transform_is_orthogonal_with_the_ones_row_first(s):
+    """The Householder control: orthogonal, symmetric, first row the normalised all-ones vector,
+    the fast path equal to its independently built matrix, its own inverse; rows past the first
+    close to the identity (each a token minus about the mean token)."""
+    T = transforms.MeanToken()
+    M = T.matrix(s, torch.float64)
+    torch.testing.assert_close(M @ M.T, torch.eye(s, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(M, M.T, rtol=0, atol=1e-15)
+    torch.testing.assert_close(M[0], torch.full((s,), s ** -0.5, dtype=torch.float64), rtol=0, atol=1e-15)
+    # rows 1.. are orthogonal to the ones vector: they carry no mean
+    torch.testing.assert_close(M[1:].sum(1), torch.zeros(s - 1, dtype=torch.float64), rtol=0, atol=1e-12)
+    if s >= 16:
+        assert float((M[1:, 1:] - torch.eye(s - 1, dtype=torch.float64)).abs().max()) < 2.0 / s
+    X = torch.randn(3, s, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+    torch.testing.assert_close(T.forward(X), M @ X, rtol=0, atol=1e-12)
+    torch.testing.assert_close(T.inverse(T.forward(X)), X, rtol=0, atol=1e-12)
+
+
+def test_mean_token_config_reaches_the_channel_mixing_inputs(model, refs):
+    """mean_token=True: the channel-mixing inputs get L^T Q(L X) with L the Householder control and
+    the first 4 rows at 8 bits (the same average bits as STaMP); the token-mixing inputs stay plain."""
+    cfg = D.galaxy_config("rtn", w_bits=None, mean_token=True)
+    assert cfg.info["sequence_transform"] == "mean-token Householder" and "+mean" in cfg.name
+    ch = cfg.recipe.rules[0].act
+    assert ch.transform == "mean"
+    assert cfg.recipe.rules[1].act.transform != "mean"
+    L = transforms.MeanToken()
+    bits = torch.full((256,), 4)
+    bits[:4] = 8
+    seen = set()
+
+    def observe(name, x, x_hat):
+        seen.add(name)
+        want = quant.stamp_fake_quant(x, L, bits) if hooks.matches(name, D.CHANNEL_MIXING) else quant.fake_quant(x, 4)
+        torch.testing.assert_close(x_hat, want, rtol=1e-5, atol=1e-5)
+
+    y, t = refs[0].inputs[1]
+    with rcp.apply(model, cfg.recipe, observe=observe) as st:
+        model(y, t)
+    assert len(seen) == 16
+    with rcp.apply(model, D.galaxy_config("rtn", w_bits=None, stamp=True).recipe) as st_s:
+        model(y, t)
+    assert st.average_bits() == pytest.approx(st_s.average_bits())
+    # an identity spec is untouched by the mean-token hook: the baseline is plain per-token
+    base = D.galaxy_config("rtn", w_bits=None)
+    with rcp.apply(model, base.recipe, observe=lambda n, x, xh: seen.add(("b", n))) as _:
+        out_b = model(y, t)
+    with rcp.apply(model, cfg.recipe) as _:
+        out_m = model(y, t)
+    assert not torch.equal(out_b, out_m)
+
+
+def test_mean_token_keys_differ_from_the_baseline():
+    """The cell key (knobs) tells the control from the per-token baseline at the same bits."""
+    a = D.galaxy_config("rtn", mean_token=True, block_size=16, group_size=16)
+    b = D.galaxy_config("rtn", block_size=16, group_size=16)
+    assert a.knobs() != b.knobs() and a.prep_key() == b.prep_key()
+    with pytest.raises(ValueError, match="stamp=False"):
+        D.galaxy_config("rtn", mean_token=True, stamp=True)
+    with pytest.raises(ValueError, match="2-D 'dwt' only"):
+        rcp.ActQuant(bits="4x8+4", transform="mean", grid=(16, 16))
+
+
+def test_group_size_is_applied_to_weights_and_activations(model, refs):
+    """group_size=16: every quantized weight equals symmetric RTN per group of 16 input features
+    (not per output channel); block_size=16: activations per block of 16 features."""
+    cfg = D.galaxy_config("rtn", block_size=D.GROUP, group_size=D.GROUP)
+    assert D.GROUP == 16 and cfg.info["group_size"] == 16 and cfg.info["granularity"] == "per-block-16"
+    assert all(r.weight.group_size == 16 and r.act.block_size == 16 for r in cfg.recipe.rules)
+    prep = D.prepare(model, cfg)
+    per_channel = D.prepare(model, D.galaxy_config("rtn", block_size=16))
+    assert len(prep.weights) == 16
+    for name, Wq in prep.weights.items():
+        W = dict(model.named_modules())[name].weight.detach()
+        torch.testing.assert_close(Wq, quant.fake_quant(W.double(), 4, symmetric=True, block_size=16).to(W.dtype))
+        assert not torch.equal(Wq, per_channel.weights[name])
+
+    def observe(name, x, x_hat):
+        torch.testing.assert_close(x_hat, quant.fake_quant(x, quant.two_level_bits(x.shape[-2], 4, 8, 4)
+                                                           if hooks.matches(name, D.CHANNEL_MIXING) else 4,
+                                                           block_size=16), rtol=1e-5, atol=1e-5)
+
+    y, t = refs[0].inputs[1]
+    with rcp.apply(model, cfg.recipe, prep, observe=observe):
+        model(y, t)
+
+
+def test_svdquant_rank_is_about_three_percent_of_the_width():
+    cfg = D.galaxy_config("svdquant")
+    assert D.RANK == 2 and cfg.info["rank"] == 2 and 0.02 <= D.RANK / 64 <= 0.04
+    assert all(r.weight.lowrank == 2 for r in cfg.recipe.rules)
+
+
+def test_crossed_over_sign_draws(model, refs):
+    """crossed(): draws x images; one draw is the paired t interval; intervals contain the mean."""
+    a = [D.evaluate(model, D.galaxy_config("hadamard", w_bits=None, hadamard_seed=s), refs, score_batches=0)
+         for s in (0, 1)]
+    b = [D.evaluate(model, D.galaxy_config("hadamard", w_bits=None, hadamard_seed=s, stamp=True), refs,
+                    score_batches=0) for s in (0, 1)]
+    one = D.crossed(a[:1], b[:1])
+    p = D.paired(a[0], b[0])
+    assert one["mean"] == pytest.approx(p["mean"]) and one["ci_lo"] == pytest.approx(p["ci_lo"])
+    two = D.crossed(a, b)
+    assert two["draws"] == 2 and two["n"] == 2 * a[0].n
+    assert two["ci_lo"] <= two["mean"] <= two["ci_hi"] and two["delta_db"] == two["mean"]
+    d = torch.stack([bb.sqnr_image - aa.sqnr_image for aa, bb in zip(a, b)])
+    assert two["mean"] == pytest.approx(float(d.mean()))
+    rep = D.crossed(a[:1], b)  # a deterministic base repeated over the draws
+    assert rep["mean"] == pytest.approx(float(torch.stack([bb.sqnr_image - a[0].sqnr_image for bb in b]).mean()))
+    with pytest.raises(ValueError, match="one base and one other"):
+        D.crossed(a, b + b[:1])

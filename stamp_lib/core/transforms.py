@@ -56,6 +56,7 @@ __all__ = [
     "WHT",
     "HaarDWT",
     "HaarDWT2D",
+    "MeanToken",
     "TokenApart",
     "KLT",
     "Dense",
@@ -959,8 +960,40 @@ class KLT(Dense):
 NAMES = ("identity", "dct", "wht", "dwt", "klt")
 
 
+class MeanToken(SequenceTransform):
+    r"""The Householder reflection :math:`H = I - 2 v v^\top / v^\top v`, :math:`v = e_1 - u`,
+    :math:`u = \mathbf 1/\sqrt s`: orthogonal and symmetric (its own inverse), :math:`H e_1 = u`, so
+    its first row is the normalised all-ones vector (row 0 of :math:`HX` is the mean token times
+    :math:`\sqrt s`) and every other row :math:`e_i^\top + v^\top / (\sqrt s (1 - 1/\sqrt s))` is the
+    token :math:`x_i` minus about the mean token (plus :math:`x_0/\sqrt s`): close to the identity.
+    Fast path O(s d); :meth:`matrix` builds H independently. ``s = 1``: the identity."""
+
+    name = "mean-token"
+
+    def _forward(self, X):
+        s = X.shape[-2]
+        if s == 1:
+            return X.clone()
+        r = s ** 0.5
+        c = (X[..., 0, :] - X.sum(-2) / r) / (1.0 - 1.0 / r)  # 2 v^T X / v^T v
+        Y = X + (c / r).unsqueeze(-2)
+        Y[..., 0, :] -= c
+        return Y
+
+    def _inverse(self, Y):
+        return self._forward(Y)
+
+    def _matrix(self, s):
+        v = torch.full((s,), -1.0 / s ** 0.5, dtype=torch.float64)
+        v[0] += 1.0
+        vv = float(v @ v)
+        return torch.eye(s, dtype=torch.float64) - (2.0 / vv) * torch.outer(v, v) if vv > 0 else torch.eye(
+            s, dtype=torch.float64)
+
+
 def build(name: str, levels: int | None = None, grid: tuple[int, int] | None = None, **kw) -> SequenceTransform:
-    """Build a transform by name: ``"identity" | "dct" | "wht" | "dwt"``.
+    """Build a transform by name: ``"identity" | "dct" | "wht" | "dwt" | "mean"`` (``"mean"``: the
+    :class:`MeanToken` control, which separates only the mean token).
 
     ``levels`` and ``grid`` apply to ``"dwt"`` only (``grid=(h, w)`` selects the 2-D Haar over
     a token grid). The KLT needs data: use :meth:`KLT.fit`."""
@@ -975,6 +1008,8 @@ def build(name: str, levels: int | None = None, grid: tuple[int, int] | None = N
         return WHT(**kw)
     if key in ("dwt", "haar"):
         return HaarDWT2D(grid, levels, **kw) if grid is not None else HaarDWT(levels, **kw)
+    if key in ("mean", "mean-token"):
+        return MeanToken(**kw)
     if key == "klt":
         raise ValueError("the KLT is fitted from data: use transforms.KLT.fit(samples)")
-    raise ValueError(f"unknown transform {name!r}; choose one of 'identity', 'dct', 'wht', 'dwt'")
+    raise ValueError(f"unknown transform {name!r}; choose one of 'identity', 'dct', 'wht', 'dwt', 'mean'")

@@ -20,15 +20,24 @@ What is quantized (rules by layer name; :func:`galaxy_config`)
   (:func:`row_structure` measures it). As the paper does for inputs without local structure,
   they get plain per-row quantization at ``a_bits`` with and without STaMP
   (``token_stamp=True`` is the ablation that transforms them anyway).
-* Weights: W4 per-output-channel symmetric round-to-nearest (``w_bits=None``: full precision, the
-  "A4" setting of Figure 1).
+* Weights: W4 symmetric round-to-nearest, per output channel (``group_size=None``) or per group
+  of ``group_size`` input features (``w_bits=None``: full precision, the "A4" setting of Figure 1).
+  The paper's DiT setting (SVDQuant's W4A4 on PixArt-Sigma, width 1152) groups 64 input channels
+  for weights and activations alike; at this model's width of 64 a group of 64 is a whole token
+  row, so the chapter groups 16 (:data:`GROUP`: four groups per row of the narrowest layer).
+* ``mean_token=True`` (the control of "how much of STaMP's gain is the mean token"): the
+  sequence transform is the Householder reflection :class:`~stamp_lib.core.transforms.MeanToken`, whose first row is the
+  normalised all-ones vector (the mean, or DC, token) and whose other rows are close to the
+  identity (each a token minus roughly the mean token); its first ``hp_tokens`` rows at
+  ``hp_bits``, as STaMP's. Nothing but the DC component is moved between tokens.
 
 Methods (each without and with STaMP): ``rtn`` (plain), ``hadamard`` (an orthogonal Hadamard
 rotation of every layer's input features folded into the weight before it is quantized, as in
 QuaRot; ``hadamard_seed`` adds QuaRot's random sign flips, :class:`~stamp_lib.model.recipe.Rule`) and ``svdquant``
 (SVDQuant-style: SmoothQuant smoothing with ``alpha`` from calibration inputs, then the top
 ``rank`` singular part of the smoothed weight kept in full precision on the unquantized input and
-the residual quantized). ViDiT-Q's own recipe (per-timestep dynamic ranges, channel balancing and
+the residual quantized; :data:`RANK` = 2 of width 64, about 3%, as SVDQuant's 32 of 1152).
+ViDiT-Q's own recipe (per-timestep dynamic ranges, channel balancing and
 its mixed-precision search over layers) is not reproduced: its search needs the image-quality
 metrics of a text-to-image model and the paper's ViDiT-Q row itself is doubtful (its Table 1
 reports COCO SQNR 7.82 -> 6.37 with STaMP, a loss, while every other row gains).
@@ -76,12 +85,17 @@ from ..model import recipe as rcp
 from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
 from ..zoo import galaxy
 
-__all__ = ["CHANNEL_MIXING", "TOKEN_MIXING", "METHODS", "Config", "galaxy_config", "prepare", "Reference",
+__all__ = ["CHANNEL_MIXING", "TOKEN_MIXING", "METHODS", "GROUP", "RANK", "Config", "galaxy_config", "prepare", "Reference",
            "reference", "calibration_batches", "Outcome", "evaluate", "run_configs", "paired",
-           "row_structure", "benchmark", "main"]
+           "crossed", "row_structure", "benchmark", "main"]
 
 CHANNEL_MIXING = "blocks.*.hidden_mixer.*"  # rows = patch tokens on the grid: STaMP applies
 TOKEN_MIXING = "blocks.*.patch_mixer.*"  # rows = channels, no order: plain quantization
+GROUP = 16  # input features per weight group and per activation block (the paper's 64 is a whole row here)
+RANK = 2  # SVDQuant-style low-rank branch: about 3% of the width 64 (SVDQuant: 32 of 1152)
+
+
+# ----------------------------------------------------------------------------- the mean-token control
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -108,15 +122,19 @@ def _check_int(v, what, lo=0):
 
 def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a_bits: int | None = 4,
                   hp_tokens: int = 4, hp_bits: int = 8, levels: int = 3, grid: tuple[int, int] = (16, 16),
-                  block_size: int | None = None, rank: int = 16, alpha: float = 0.5, token_stamp: bool = False,
-                  token_hp: int | None = None, hadamard_seed: int | None = None) -> Config:
+                  block_size: int | None = None, rank: int = RANK, alpha: float = 0.5, token_stamp: bool = False,
+                  token_hp: int | None = None, hadamard_seed: int | None = None, group_size: int | None = None,
+                  mean_token: bool = False) -> Config:
     """The configuration of one cell of the experiment (see the module docstring).
 
     ``method``: one of :data:`METHODS`. ``stamp``: 2-D Haar DWT (``levels``) over ``grid`` on the
     channel-mixing inputs, else the bit-matched untransformed baseline. ``hp_tokens`` rows at
     ``hp_bits``, the rest at ``a_bits`` (``hp_tokens=0``: uniform ``a_bits``). ``block_size``:
     per-token activation ranges (``None``) or per block of that many features (64 in the paper's
-    Table 1). ``w_bits=None`` keeps weights in full precision. ``rank``: the low-rank branch of
+    Table 1, :data:`GROUP` here). ``group_size``: weights per output channel (``None``) or per group
+    of that many input features. ``mean_token``: the :class:`~stamp_lib.core.transforms.MeanToken` control instead of the
+    identity on the channel-mixing inputs (not with ``stamp``). ``w_bits=None`` keeps weights in
+    full precision. ``rank``: the low-rank branch of
     ``svdquant``. ``token_stamp``: also transform the token-mixing inputs (1-D Haar over their 64
     channel rows, ``token_hp`` high-precision rows; an ablation); ``token_hp`` defaults to
     ``hp_tokens`` with ``token_stamp`` and to 0 (plain ``a_bits``) without."""
@@ -129,6 +147,10 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
         raise ValueError(f"hp_tokens={hp_tokens} exceeds the {s} tokens of the {grid[0]}x{grid[1]} grid")
     if method == "fp":
         return Config("fp", Recipe((Rule("*"),), name="fp"), info={"method": "fp"})
+    if mean_token and stamp:
+        raise ValueError("mean_token replaces STaMP's transform: pass stamp=False")
+    if group_size is not None:
+        _check_int(group_size, "group_size", 1)
     if hadamard_seed is not None and method != "hadamard":
         raise ValueError("hadamard_seed applies to the 'hadamard' method only")
     if token_hp is None:
@@ -139,12 +161,15 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
         return f"{hp}x{hp_bits}+{a_bits}" if hp else a_bits
 
     if a_bits is None:  # weight-only quantization
-        if stamp or token_stamp or w_bits is None:
+        if stamp or token_stamp or mean_token or w_bits is None:
             raise ValueError("a_bits=None (full-precision activations) needs quantized weights and no STaMP")
         ch = tk = None
     else:
-        ch = ActQuant(bits=bits(hp_tokens), transform="dwt" if stamp else "identity",
-                      levels=levels if stamp else None, grid=tuple(grid) if stamp else None, block_size=block_size)
+        if mean_token:
+            ch = ActQuant(bits=bits(hp_tokens), transform="mean", block_size=block_size)
+        else:
+            ch = ActQuant(bits=bits(hp_tokens), transform="dwt" if stamp else "identity",
+                          levels=levels if stamp else None, grid=tuple(grid) if stamp else None, block_size=block_size)
         if token_stamp:
             if not token_hp:
                 raise ValueError("token_stamp needs token_hp > 0 high-precision rows")
@@ -153,7 +178,7 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
         else:
             tk = ActQuant(bits=bits(token_hp), block_size=block_size)
     lowrank = rank if method == "svdquant" else 0
-    w = None if w_bits is None else WeightQuant(bits=w_bits, lowrank=lowrank)
+    w = None if w_bits is None else WeightQuant(bits=w_bits, lowrank=lowrank, group_size=group_size)
     if w is None and lowrank:
         raise ValueError("the svdquant low-rank branch needs quantized weights (w_bits)")
     feat = FEATURE_OF[method]
@@ -161,14 +186,18 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
              Rule(TOKEN_MIXING, act=tk, weight=w, feature=feat, alpha=alpha, hadamard_seed=hadamard_seed))
     wname = "A" if w_bits is None else f"W{w_bits}A"
     name = (f"{method}{'-rs' if hadamard_seed is not None else ''} {wname}{a_bits or 16}"
-            f"{' +stamp' if stamp else ''} hp{hp_tokens}{' blk' + str(block_size) if block_size else ''}"
+            f"{' +stamp' if stamp else ''}{' +mean' if mean_token else ''} hp{hp_tokens}"
+            f"{' blk' + str(block_size) if block_size else ''}{' wg' + str(group_size) if group_size and w_bits else ''}"
             f"{' +tokstamp' if token_stamp else ''}")
     info = dict(method=method, stamp=stamp, w_bits=w_bits, a_bits=a_bits, hp_tokens=hp_tokens, hp_bits=hp_bits,
                 levels=levels if stamp else None, grid=list(grid), block_size=block_size,
                 granularity="per-token" if block_size is None else f"per-block-{block_size}",
                 rank=lowrank, alpha=alpha if feat == "smoothquant" else None, token_stamp=token_stamp,
-                token_hp=token_hp, hadamard_seed=hadamard_seed,
-                weights="per-output-channel symmetric RTN" if w_bits else "full precision",
+                token_hp=token_hp, hadamard_seed=hadamard_seed, group_size=group_size if w_bits else None,
+                mean_token=mean_token, sequence_transform="2-D Haar DWT" if stamp else
+                "mean-token Householder" if mean_token else "identity",
+                weights=("full precision" if not w_bits else "per-output-channel symmetric RTN" if group_size is None
+                         else f"symmetric RTN per group of {group_size} input features"),
                 activations="per-row asymmetric min-max, no clipping" if a_bits else "full precision")
     return Config(name, Recipe(rules, name=name), info=info)
 
@@ -458,15 +487,41 @@ def run_configs(model, configs: dict[str, Config], refs: list[Reference], calib=
     return out
 
 
+def _named(p: dict) -> dict:
+    return {**p, "delta_db": p["mean"], "se_db": p["se"], "ci95_lo": p["ci_lo"], "ci95_hi": p["ci_hi"],
+            "beyond_ci95": p["beyond_ci"]}
+
+
 def paired(base: Outcome, other: Outcome, space: str = "image") -> dict:
-    """``other - base`` SQNR image by image (same noise): mean (dB), its standard error, the number
-    of images where ``other`` is higher, and whether the mean is beyond two standard errors."""
+    """``other - base`` SQNR image by image (same noise; the image is the independent unit):
+    :func:`stamp_lib.core.stats.paired_difference` (``mean``, ``se``, the 95% t interval
+    ``ci_lo``/``ci_hi``, ``wins``, ``n``, ``beyond_2se``, ``beyond_ci``), with the same numbers also
+    under ``delta_db``, ``se_db``, ``ci95_lo``, ``ci95_hi``, ``beyond_ci95``."""
     a, b = base._v(space), other._v(space)
     if a.shape != b.shape or not torch.equal(base.seed, other.seed):
         raise ValueError("a paired comparison needs the same images (same references)")
-    p = stats.paired_difference(a, b, better="higher")
-    return {"delta_db": p["mean"], "se_db": p["se"], "ci95_lo": p["ci_lo"], "ci95_hi": p["ci_hi"], "wins": p["wins"],
-            "n": p["n"], "beyond_2se": p["beyond_2se"], "beyond_ci95": p["beyond_ci"]}
+    return _named(stats.paired_difference(a, b, better="higher"))
+
+
+def crossed(bases: list, others: list, space: str = "image") -> dict:
+    """``others[k] - bases[k]`` over draws k of a method's randomness (e.g. Hadamard sign seeds)
+    crossed with the same images: :func:`stamp_lib.core.stats.crossed_difference` (Satterthwaite t
+    interval; ``var_draws`` / ``var_units`` say which spread dominates), keys as :func:`paired`.
+    One draw: :func:`paired`. A side without randomness (one outcome) against a drawn one is
+    repeated over the draws: each draw is paired with the same deterministic base."""
+    if bases and others and len(bases) == 1:
+        bases = list(bases) * len(others)
+    if bases and others and len(others) == 1:
+        others = list(others) * len(bases)
+    if not bases or len(bases) != len(others):
+        raise ValueError("crossed needs one base and one other outcome per draw (or one on a side)")
+    for b, o in zip(bases, others):
+        if b._v(space).shape != o._v(space).shape or not torch.equal(b.seed, o.seed) \
+                or not torch.equal(b.seed, bases[0].seed):
+            raise ValueError("a crossed comparison needs the same images (same references) in every draw")
+    A = torch.stack([b._v(space) for b in bases])
+    B = torch.stack([o._v(space) for o in others])
+    return _named(stats.crossed_difference(A, B, better="higher"))
 
 
 # ----------------------------------------------------------------------------- row structure
@@ -614,7 +669,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hp-tokens", type=int, default=4, help=f"high-precision rows, 0..{_GRID[0] * _GRID[1]}")
     p.add_argument("--block-size", type=int, default=0,
                    help="0: per-token ranges; else per block of that many features, a divisor of 64 (1, 2, ..., 64)")
-    p.add_argument("--rank", type=int, default=16, help=f"low-rank branch of svdquant, 0..{_MIN_WIDTH - 1}")
+    p.add_argument("--rank", type=int, default=RANK, help=f"low-rank branch of svdquant, 0..{_MIN_WIDTH - 1}")
+    p.add_argument("--group-size", type=int, default=0,
+                   help="0: weights per output channel; else per group of that many input features, a divisor of 64")
     p.add_argument("--seeds", type=int, default=2, help="noise seeds 0..N-1, >= 1")
     p.add_argument("--images", type=int, default=8, help="images per seed, >= 1")
     p.add_argument("--steps", type=int, default=16, help="Heun steps, >= 1")
@@ -643,6 +700,10 @@ def validate(a: argparse.Namespace) -> None:
     if a.block_size and _MIN_WIDTH % a.block_size:
         raise cli.BadInput(f"--block-size {a.block_size}", f"must divide the {_MIN_WIDTH} features of the narrowest "
                                                            "layer: pass 0 (per token) or one of 1, 2, 4, 8, 16, 32, 64")
+    cli.whole(a.group_size, "--group-size", "the weight group size", lo=0, hi=_MIN_WIDTH)
+    if a.group_size and _MIN_WIDTH % a.group_size:
+        raise cli.BadInput(f"--group-size {a.group_size}", f"must divide the {_MIN_WIDTH} features of the narrowest "
+                                                           "layer: pass 0 (per output channel) or one of 1, 2, ..., 64")
     cli.whole(a.rank, "--rank", "the svdquant low-rank branch", lo=0, hi=_MIN_WIDTH - 1,
               hint=f" (below the {_MIN_WIDTH} features of the narrowest layer)")
     if a.method == "svdquant" and a.rank and not a.w_bits:
@@ -701,7 +762,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         model = _galaxy_model()
         kw = dict(w_bits=a.w_bits or None, a_bits=a.a_bits, hp_tokens=a.hp_tokens, block_size=a.block_size or None,
-                  rank=a.rank, levels=_LEVELS, grid=_GRID)
+                  rank=a.rank, levels=_LEVELS, grid=_GRID, group_size=(a.group_size or None) if a.w_bits else None)
         cfgs = {"base": galaxy_config(a.method, **kw), "stamp": galaxy_config(a.method, stamp=True, **kw)}
         needs_calib = cfgs["base"].recipe.needs_calibration()
         store = (cellstore.CellStore(a.cells, reuse=a.resume, experiment="diffusion") if a.cells
