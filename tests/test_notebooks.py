@@ -204,6 +204,39 @@ def test_notebook_source_conventions(path: Path):
     assert not bad, f"{path.name}:\n" + "\n".join(bad)
 
 
+# Bookkeeping stays off the pages: the cells that start a run, attach verdicts or save the
+# results file are removed from the page (``:tags: [remove-cell]``). Chapters still to be
+# cleaned are listed (strict xfail: cleaning one makes its entry fail until it is removed).
+BOOKKEEPING = re.compile(r"\bstudy\.start\(|\brun\.verdict\(|\brun\.save\(")
+BOOKKEEPING_TODO: dict[str, str] = {}
+
+
+def visible_bookkeeping(nb) -> list[str]:
+    """The code cells (1-based) that call study.start, run.verdict or run.save but are shown."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    return [f"code cell {k}: {BOOKKEEPING.search(c.source).group(0)}...) is shown on the page: tag the cell "
+            "remove-cell" for k, c in enumerate(code, 1)
+            if BOOKKEEPING.search(c.source) and "remove-cell" not in c.metadata.get("tags", [])]
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=BOOKKEEPING_TODO[p.stem]))
+    if p.stem in BOOKKEEPING_TODO else p for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
+def test_no_bookkeeping_on_the_page(path: Path):
+    bad = visible_bookkeeping(jupytext.read(path))
+    assert not bad, f"{path.name}:\n" + "\n".join(bad)
+
+
+def test_visible_bookkeeping_is_found():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("run = study.start('x')"),
+        nbformat.v4.new_code_cell("run.save()", metadata={"tags": ["remove-cell"]}),
+        nbformat.v4.new_code_cell("run.verdict('k', 'confirmed', 'x')", metadata={"tags": ["hide-input"]})])
+    assert [b.split(":")[0] for b in visible_bookkeeping(nb)] == ["code cell 1", "code cell 3"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The pipeline catches failures: a throwaway raising notebook next to a sound one.
 
@@ -503,8 +536,9 @@ def test_claims_page_shows_both_sizes_and_every_registered_claim(tmp_path, monke
     monkeypatch.setenv("STAMP_RESULTS", str(small))
     page = ROOT / "notebooks" / "99_claims.md"
     out = _outputs(execute(page, cwd=ROOT / "notebooks"))
-    assert "**confirmed: holds-7319**: worst ratio 0.0731 (s = 256, avg bits 5; chapter 01_theorem1)" in out
-    assert "**confirmed: full-2288** (stale): worst ratio 0.0422 (s = 2048; chapter 01_theorem1)" in out
+    assert "**confirmed: holds-7319**: worst ratio 0.0731 (s = 256, avg bits 5; chapter “The error bound”)" in out
+    assert "**confirmed: full-2288** (stale): worst ratio 0.0422 (s = 2048; chapter “The error bound”)" in out
+    assert "theorem1_holds" not in out                   # no claim key, no bookkeeping on the page
     for c in claims.CLAIMS.values():                   # every registered claim, tested or not
         assert c.title in out and c.paper in out
     assert "not tested" in out and "stale" in out

@@ -249,9 +249,65 @@ def test_too_small_text_is_refused(make):
     plt.close(fig)
 
 
-def test_knob_lines_fit_the_column(results, capsys):
-    study.start("02_real_activations", knobs={"layers": list(range(30)), "parts": [list(range(10))] * 3})
-    assert not plotting.check_lines(capsys.readouterr().out)
+def test_start_and_save_print_nothing_on_the_page(results, capsys):
+    run = study.start("02_real_activations", knobs={"layers": list(range(30)), "parts": [list(range(10))] * 3})
+    run.record("x", 1.0, k=1)
+    run.save()
+    out = capsys.readouterr()
+    assert out.out == ""                                  # stdout is what a page shows
+    assert "STUDY_SIZE=small" in out.err and "layers=" in out.err   # stderr: JupyterLab only
+    html = run.settings().data
+    assert html.startswith("<details>") and "<code>layers</code>" in html and "STUDY_SIZE" in html
+
+
+@pytest.mark.parametrize("ours, numbers, conditions", [
+    ("the first HP_TOKENS rows", {}, {}),
+    ("fine", {"gain at N_EVAL windows": 1.0}, {}),
+    ("fine", {}, {"s": "tensor(2048)"}),
+])
+def test_verdict_refuses_bookkeeping(results, ours, numbers, conditions):
+    run = study.start("01_theorem1")
+    with pytest.raises(ValueError, match="bookkeeping"):
+        run.verdict("theorem1_holds", "confirmed", ours, numbers=numbers, conditions=conditions)
+
+
+def test_verdict_accepts_model_and_format_names(results):
+    run = study.start("01_theorem1")
+    run.verdict("theorem1_holds", "confirmed", "SmolLM2-135M (GGUF Q4_1) at W4A4KV4, 64x8+4",
+                numbers={"RTN ppl ratio": 0.5}, conditions={"bits": "64x8+4"})
+
+
+def test_labels():
+    assert plotting.label("smoothquant") == "SmoothQuant" and plotting.label("RTN") == "RTN"
+    assert plotting.label("dwt") == "STaMP (DWT)" and plotting.label("none") == "bit-matched"
+    assert plotting.label("dwt", "transform") == "Haar DWT"
+    assert plotting.label("klt (in-sample)", "transform", short=True) == "in-sample KLT"
+    assert plotting.label("fp", short=True) == "FP"                       # no short form: the label
+    assert plotting.label(("quarot", "gptq")) == "QuaRot, GPTQ"
+    with pytest.raises(KeyError, match="plotting.LABELS"):
+        plotting.label("my method")
+    with pytest.raises(KeyError, match="kind"):
+        plotting.label("rtn", "model")
+    for kind, names in plotting.LABELS.items():             # every key has a colour book-wide
+        if kind != "policy":
+            for k in names:
+                if k not in ("none", "uniform", "gptq"):
+                    plotting.color(k)
+
+
+@pytest.mark.parametrize("cond, text", [
+    ({"s": 2048, "avg bits": 4.125}, "s = 2048, avg bits 4.125"),
+    ({"avg bits": 4.0625}, "avg bits 4.0625"),
+    ({"avg bits": 5.0, "ratio": 0.123456}, "avg bits 5, ratio 0.123"),
+    ({"galaxy t": [0.01, 1.0, 10.0]}, "galaxy t 0.01, 1, 10"),
+])
+def test_format_conditions_reads_well(cond, text):
+    assert claims.format_conditions(cond) == text
+
+
+def test_numbers_text_three_digits():
+    text = claims.numbers_text({"status": "confirmed", "numbers": {"gain (dB)": -15.987, "bits": 4.1250, "runs": 2315}})
+    assert text == "**confirmed**; gain (dB): -16.0; bits: 4.12; runs: 2,315"
 
 
 def test_displayed_size_follows_the_column():

@@ -20,6 +20,9 @@ check them on the built book and on every executed notebook)
   transforms, methods (ch. 3/4) and bit policies; case does not matter. An unknown name is an
   error: register it once in :data:`COLORS` (and :data:`DASHED`) below, never pick colours in a
   notebook. Bit policies also have markers (:data:`MARKERS`).
+* **One display name per key, book-wide.** ``plotting.label("smoothquant")`` -> ``SmoothQuant``,
+  ``plotting.label("dwt", "transform")`` -> ``Haar DWT``: legends, table rows and glued prose
+  use :func:`label`, never a raw key (:data:`LABELS`; an unknown key is an error).
 * **Maps get a colour bar** with a label (:func:`heatmap`).
 * **Legends where the eye needs them**: on the panel, or one legend under all panels
   (:func:`figure_legend`) when the panels share their series.
@@ -151,6 +154,75 @@ def color(name: str) -> str:
 def style(name: str) -> dict:
     """``color`` and ``ls`` (solid, or dashed for the references in :data:`DASHED`) of a name."""
     return {"color": color(name), "ls": "--" if _key(name) in DASHED else "-"}
+
+
+# ---- display names ---------------------------------------------------------------------------
+
+# One display name per key, book-wide, for legends, table rows and the prose (glue the label).
+# Three kinds, because a key can name a transform in chapters 1-2 and a STaMP column in 3-4.
+LABELS: dict[str, dict[str, str]] = {
+    "method": {   # baselines, weight quantizers and the STaMP columns of chapters 3 and 4
+        "fp": "FP",
+        "rtn": "RTN",
+        "gptq": "GPTQ",
+        "smoothquant": "SmoothQuant",
+        "quarot": "QuaRot",
+        "flatquant": "FlatQuant",
+        "svdquant": "SVDQuant-style",
+        "vidit-q": "ViDiT-Q",
+        "hadamard": "Hadamard (per linear)",
+        "none": "bit-matched",
+        "uniform": "uniform A4",
+        "stamp": "STaMP",
+        "dwt": "STaMP (DWT)",
+        "dct": "STaMP (DCT)",
+        "hadamard + stamp": "Hadamard + STaMP",
+    },
+    "transform": {   # sequence transforms (chapters 1, 2, 4)
+        "identity": "identity",
+        "dct": "DCT",
+        "wht": "WHT",
+        "dwt": "Haar DWT",
+        "dwt2d": "2-D Haar DWT",
+        "klt": "KLT (calibrated)",
+        "klt (analytic)": "KLT (analytic)",
+        "klt (in-sample)": "KLT (in-sample)",
+        "diff": "difference (DPCM)",
+        "dct (token 0 apart)": "DCT, token 0 apart",
+        "dwt (token 0 apart)": "Haar DWT, token 0 apart",
+    },
+    "policy": {   # bit policies (chapter 1)
+        "uniform": "uniform bits",
+        "two-level": "two-level (64x8+4)",
+        "optimal": "log-energy (optimal)",
+    },
+}
+
+
+# Shorter forms for table headers and tick labels, where the column is tight (else the label).
+SHORT_LABELS: dict[str, dict[str, str]] = {
+    "method": {"hadamard": "Hadamard", "svdquant": "SVDQuant", "dwt": "+ DWT", "dct": "+ DCT"},
+    "transform": {"dwt": "DWT", "dwt2d": "2-D DWT", "klt": "KLT", "klt (in-sample)": "in-sample KLT",
+                  "klt (analytic)": "analytic KLT", "diff": "difference"},
+    "policy": {"uniform": "uniform", "two-level": "two-level", "optimal": "optimal"},
+}
+
+
+def label(key, kind: str = "method", short: bool = False) -> str:
+    """The display name of a method, transform or bit policy key (case-insensitive), from
+    :data:`LABELS`; ``kind`` is ``"method"`` (default), ``"transform"`` or ``"policy"``. A tuple
+    key (method, weight quantizer) gives ``"QuaRot, GPTQ"``. ``KeyError`` naming the known keys
+    for an unknown one: register it in :data:`LABELS`, never spell a label in a notebook.
+    ``short=True``: the form of :data:`SHORT_LABELS` for table headers and ticks, if it has one."""
+    if kind not in LABELS:
+        raise KeyError(f"label kind must be one of {sorted(LABELS)}, got {kind!r}")
+    if isinstance(key, tuple):
+        return ", ".join(label(k, kind, short) for k in key)
+    k = _key(key)
+    if k not in LABELS[kind]:
+        raise KeyError(f"no {kind} label registered for {key!r}; known: {sorted(LABELS[kind])}. "
+                       "Add it to stamp_lib.book.plotting.LABELS (one display name per key, book-wide).")
+    return SHORT_LABELS[kind].get(k, LABELS[kind][k]) if short else LABELS[kind][k]
 
 
 def marker(policy: str) -> str:

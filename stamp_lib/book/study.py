@@ -7,11 +7,14 @@ Conventions (chapters 1-4 follow them)
   build, pytest and JupyterLab all reach a notebook through that variable. Knobs are written
   ``N = study.pick(small_value, full_value)``.
 * **Start and save.** A notebook starts with ``run = study.start("01_theorem1", knobs={...})``
-  (seeds fixed, size and knobs printed, wall clock started) and ends with ``run.save()``, which
+  (seeds fixed, wall clock started) and ends with ``run.save()``, which
   writes ``<results>/<notebook>.json`` (``data/results/`` unless ``STAMP_RESULTS`` says otherwise)
   with every number, verdict, glued text and checked sentence, plus the provenance of the run
   (:func:`provenance`: commit, date, wall time, machine, package versions and the hash of the
-  code that produced it).
+  code that produced it). Neither prints anything on the page (the book removes stderr, where
+  both write one line for a reader in JupyterLab): the knobs live in the results file, and
+  ``run.settings()`` shows them as a collapsed block where a page wants them. Put both calls in
+  cells tagged ``remove-cell``, and so the ``run.verdict`` cells.
 * **Numbers.** ``run.record(name, value, **knobs)`` stores one number with *every* knob behind it.
   Put these calls in cells tagged ``hide-input`` (bookkeeping), not in the cells that do the
   science.
@@ -48,6 +51,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -81,6 +85,10 @@ def is_presentation(path: str) -> bool:
 
 VERSIONED_PACKAGES = ("torch", "numpy", "scipy", "transformers", "gguf", "PyWavelets", "matplotlib",
                       "jupytext", "nbclient")
+
+
+# what a verdict must not show on the claims page: constant names (HP_TOKENS) and raw reprs
+_BOOKKEEPING = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)+\b|\b(?:PosixPath|tensor|np\.\w+|array)\(")
 
 
 class ProseContradicted(AssertionError):
@@ -247,6 +255,12 @@ class Run:
         """
         c = claim(key)
         status = verdict_status(verdict)
+        shown = [verdict, ours, detail or "", *map(str, (numbers or {})), *map(str, (conditions or {}))]
+        shown += [str(x) for x in (conditions or {}).values()]
+        bad = sorted({m.group(0) for t in shown for m in _BOOKKEEPING.finditer(t)})
+        if bad:
+            raise ValueError(f"{self.notebook}: the verdict on {key!r} would show bookkeeping on the "
+                             f"claims page: {bad} (write the value or the words, not a constant name or a repr)")
         if any(v["key"] == key for v in self.verdicts):
             raise ValueError(f"{self.notebook}: claim {key!r} already has a verdict in this run")
         numbers = {str(k): float(v) for k, v in (numbers or {}).items()}
@@ -316,17 +330,31 @@ class Run:
         atomic_write(out, json.dumps(payload, indent=1, sort_keys=False))
         where = out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out
         print(f"[{self.notebook}] {len(self.records)} numbers, {len(self.verdicts)} verdicts, "
-              f"wall time {wall:.1f} s\n  -> {where}")
+              f"wall time {wall:.1f} s -> {where}", file=sys.stderr)
         return SavedPath(out)
+
+    def settings(self):
+        """The size, seed and knobs of this run as a collapsed block (HTML ``<details>``), for a
+        page that wants to show them; the results file holds them in any case."""
+        from html import escape
+
+        from IPython.display import HTML
+
+        rows = [("STUDY_SIZE", size()), ("seed", self.seed), *self.knobs.items()]
+        body = "".join(f"<tr><td><code>{escape(str(k))}</code></td><td>{escape(str(v))}</td></tr>"
+                       for k, v in rows)
+        return HTML(f"<details><summary>Settings of this run</summary><table>{body}</table></details>")
 
 
 def start(notebook: str, knobs: dict | None = None, seed: int = 0) -> Run:
-    """Begin a notebook run: fix seeds, print size and knobs, start the wall clock."""
+    """Begin a notebook run: fix seeds, start the wall clock. Prints nothing on the page (one
+    line with the size and the knobs goes to stderr, which the book removes); the knobs are saved
+    in the results file, and :meth:`Run.settings` shows them where a page wants them."""
     seed_everything(seed)
     run = Run(notebook=notebook, knobs=dict(knobs or {}), seed=seed)
-    print(f"[{notebook}] STUDY_SIZE={size()} seed={seed}")
-    for k, v in run.knobs.items():
-        print(textwrap.fill(f"{k} = {v}", width=TEXT_COLS, initial_indent="  ", subsequent_indent="      "))
+    knob_text = ", ".join(f"{k}={v}" for k, v in run.knobs.items())
+    print(textwrap.fill(f"[{notebook}] STUDY_SIZE={size()} seed={seed}" + (f"; {knob_text}" if knob_text else ""),
+                        width=TEXT_COLS, subsequent_indent="  "), file=sys.stderr)
     return run
 
 
