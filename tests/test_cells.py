@@ -297,15 +297,15 @@ def test_killed_run_resumes_with_finished_cells_and_identical_numbers(tmp_path, 
     torch.testing.assert_close(resumed.fp.nll, whole.fp.nll, rtol=1e-10, atol=0)
     for row in ROWS:
         for col in COLUMNS:
-            a, b = resumed.cells[row][col], whole.cells[row][col]
+            a, b = resumed.cells[row][col][0], whole.cells[row][col][0]
             assert a.nll.dtype == b.nll.dtype == torch.float64, (row, col)
             torch.testing.assert_close(a.nll, b.nll, rtol=1e-10, atol=0, msg=str((row, col)))
             assert a.act_bits == b.act_bits and a.kv_bits == b.kv_bits and a.knobs == b.knobs
         assert resumed.paired(row, "dwt") == whole.paired(row, "dwt")  # paired statistics identical
     again = _tiny_table(store)  # a third run computes nothing
     assert again.counts == {"computed": 0, "reused": N_CELLS}
-    assert json.dumps([again.cells[r][c].summary()["nll_per_window"] for r in ROWS for c in COLUMNS]) == \
-        json.dumps([whole.cells[r][c].summary()["nll_per_window"] for r in ROWS for c in COLUMNS])
+    assert json.dumps([again.cells[r][c][0].summary()["nll_per_window"] for r in ROWS for c in COLUMNS]) == \
+        json.dumps([whole.cells[r][c][0].summary()["nll_per_window"] for r in ROWS for c in COLUMNS])
 
 
 # ----------------------------------------------------------------------------- the image sampling (PixArt path)

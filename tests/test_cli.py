@@ -94,7 +94,7 @@ LLM_VALID = {
     "--w-bits": st.integers(2, 16),
     "--kv-bits": st.sampled_from([0, 2, 4, 16]),
     "--kv-stamp": st.just(False),
-    "--hp-tokens": st.integers(1, 64),
+    "--hp-tokens": st.integers(0, 64),
     "--hp-bits": st.integers(2, 16),
     "--alpha": st.floats(0, 1),
     "--seq-len": st.sampled_from([128, 256, 2048]),
@@ -137,7 +137,7 @@ def _llm_spec(o: dict) -> bool:
     needs_calib = o["--method"] == "smoothquant" or (o["--method"] != "fp" and o["--weights"] == "gptq")
     lv = o["--levels"]
     return (s >= 2 and o["--windows"] >= 1 and o["--calib-windows"] >= 0 and o["--batch-size"] >= 1
-            and o["--threads"] >= 0 and bits_ok and 1 <= o["--hp-tokens"] <= s and 0 <= o["--alpha"] <= 1
+            and o["--threads"] >= 0 and bits_ok and 0 <= o["--hp-tokens"] <= s and 0 <= o["--alpha"] <= 1
             and not (o["--method"] == "fp" and o["--stamp"] != "none")
             and (lv is None or (o["--stamp"] == "dwt" and 1 <= lv <= transforms.max_levels_1d(s)))
             and not (o["--kv-stamp"] and (o["--method"] == "fp" or o["--stamp"] == "none" or o["--kv-bits"] == 0))

@@ -57,7 +57,8 @@ def test_cli_runs_a_checkpoint_folder_and_writes_every_knob(tmp_path, tokenizer,
     rule = saved["recipe"]["rules"][0]
     assert rule["act"]["transform"] == "dwt" and rule["act"]["levels"] == 3  # log2(128 / 16)
     assert rule["act"]["hp_tokens"] == 16 and rule["weight"]["method"] == weights
-    assert rule["feature"] == {"quarot": "hadamard", "smoothquant": "smoothquant"}[method]
+    assert rule["feature"] == {"quarot": None, "smoothquant": "smoothquant"}[method]
+    assert saved["recipe"].get("network") == ("quarot" if method == "quarot" else None)
     assert saved["recipe"]["kv"]["lp_bits"] == 4 and saved["calib_windows"] == 1
     ev = saved["eval"]
     assert len(ev["nll_per_window"]) == 2 and math.isfinite(ev["ppl"])
@@ -65,7 +66,8 @@ def test_cli_runs_a_checkpoint_folder_and_writes_every_knob(tmp_path, tokenizer,
     assert ev["kv_bits_spent"] == pytest.approx(4 + 4 * 16 / 128)
     # what ran, and the command that reruns it (every option spelled out, levels as applied)
     assert saved["applied"]["levels"] == 3 and saved["applied"]["device"] == "cpu"
-    assert saved["applied"]["torch_threads"] >= 1 and saved["seeds_drawn"] == []
+    assert saved["applied"]["torch_threads"] >= 1 and saved["seeds_drawn"] == {
+        "hadamard_seed": 0 if method == "quarot" else None, "draw": 0}
     cmd = saved["command"]
     assert cmd.startswith("python -m stamp_lib llm --model ") and "--levels 3 " in cmd and "--kv-bits 4 " in cmd
     assert f"--out {out}" in cmd and "--no-progress" not in cmd
@@ -90,20 +92,49 @@ def test_table_pairs_columns_on_the_same_windows(tmp_path, tokenizer):
     t = llm.run_table(model, ev, cal, rows=(("rtn", "rtn"), ("smoothquant", "rtn")), columns=("none", "dwt", "dwt+kv"),
                       hp_tokens=8, progress=False)
     assert set(t.cells) == {("rtn", "rtn"), ("smoothquant", "rtn")}
-    kv = t.cells[("rtn", "rtn")]["dwt+kv"].knobs["kv"]
-    assert kv["transform"] == "dwt" and t.cells[("rtn", "rtn")]["dwt"].knobs["kv"]["transform"] == "identity"
+    kv = t.cells[("rtn", "rtn")]["dwt+kv"][0].knobs["kv"]
+    assert kv["transform"] == "dwt" and t.cells[("rtn", "rtn")]["dwt"][0].knobs["kv"]["transform"] == "identity"
     p = t.paired(("rtn", "rtn"), "dwt")
-    d = t.cells[("rtn", "rtn")]["dwt"].nll - t.cells[("rtn", "rtn")]["none"].nll
+    d = t.cells[("rtn", "rtn")]["dwt"][0].nll - t.cells[("rtn", "rtn")]["none"][0].nll
     assert p["delta_nll"] == pytest.approx(float(d.mean())) and p["n"] == 3
     assert p["ppl_ratio"] == pytest.approx(math.exp(float(d.mean())))
     sq = llm.layer_sqnr(model, ev[0], llm.llm_recipe("rtn", stamp="dwt", hp_tokens=8, seq_len=64))
     assert len(sq) == 14 and all(math.isfinite(v) for v in sq.values())
 
 
+def test_table_draws_calibration_and_pairs_on_draw_and_window(tmp_path, tokenizer):
+    """A row with randomness is evaluated once per draw (draw k: the k-th block of calibration
+    windows); a row without any, and the single-draw columns, once; comparisons pair (draw, window)."""
+    folder = _save_tiny("llama", tmp_path / "m", tokenizer)
+    model, tok = llm.load(str(folder))
+    ev, cal = llm.eval_data(tok, 64, 3, 2)
+    t = llm.run_table(model, ev, cal, rows=(("rtn", "rtn"), ("smoothquant", "rtn")), columns=("uniform", "none", "dwt"),
+                      draws=2, hp_tokens=8, progress=False)
+    rtn, sq = t.cells[("rtn", "rtn")], t.cells[("smoothquant", "rtn")]
+    assert [len(rtn[c]) for c in ("uniform", "none", "dwt")] == [1, 1, 1]
+    assert [len(sq[c]) for c in ("uniform", "none", "dwt")] == [1, 2, 2]
+    assert not torch.equal(sq["none"][0].nll, sq["none"][1].nll)  # another calibration draw, other scales
+    assert sq["uniform"][0].act_bits == 4.0 and sq["none"][0].act_bits == pytest.approx(4 + 4 * 8 / 64)
+    p = t.paired(("smoothquant", "rtn"), "dwt")
+    d = torch.stack([e.nll for e in sq["dwt"]]) - torch.stack([e.nll for e in sq["none"]])
+    assert p["draws"] == 2 and p["n"] == 6 and p["delta_nll"] == pytest.approx(float(d.mean()))
+    assert p["ci95_lo"] <= p["delta_nll"] <= p["ci95_hi"]
+    lv = t.level(("rtn", "rtn"), "none")
+    assert lv["ppl"] == pytest.approx(math.exp(float(rtn["none"][0].nll.mean())))
+    assert torch.equal(llm.calibration_draw(cal, 2, 1), cal[1:2])
+    with pytest.raises(ValueError, match="cannot make 3 draws"):
+        llm.calibration_draw(cal, 3, 0)
+
+
 def test_recipes_and_errors():
     assert transforms.haar_levels(2048, 64) == 5 and transforms.haar_levels(512, 64) == 3
     r = llm.llm_recipe("quarot", weights="gptq", stamp="dct")
-    assert r.rules[0].feature == "hadamard" and r.rules[0].act.transform == "dct" and r.kv.transform == "identity"
+    assert r.network == "quarot" and r.network_seed == 0 and r.rules[0].feature is None
+    assert r.rules[0].act.transform == "dct" and r.kv.transform == "identity"
+    h = llm.llm_recipe("hadamard", hadamard_seed=3)
+    assert h.rules[0].feature == "hadamard" and h.rules[0].hadamard_seed == 3 and h.network is None
+    u = llm.llm_recipe("rtn", hp_tokens=0)
+    assert u.rules[0].act.bits == 4 and u.kv.bits == 4 and u.rules[0].act.average_bits(2048) == 4.0
     assert llm.llm_recipe("fp").rules[0].act is None and llm.llm_recipe("fp").kv is None
     assert llm.llm_recipe("rtn", kv_bits=None).kv is None
     with pytest.raises(ValueError, match="unknown method"):
@@ -123,7 +154,7 @@ def test_recipes_and_errors():
 def test_cli_refuses_bad_input_with_one_line(capsys):
     """Checked before anything is loaded: exit 2, one line naming the argument, its range and the fix."""
     for argv, says in ((["--seq-len", "32", "--hp-tokens", "64"], "--hp-tokens 64: high-precision tokens must be a "
-                                                                 "whole number in [1, 32]"),
+                                                                 "whole number in [0, 32]"),
                        (["--stamp", "dwt", "--levels", "20", "--seq-len", "256"],
                         "--levels 20: Haar levels must be a whole number in [1, 8]"),
                        (["--windows", "0"], "pass --windows 1 or more"),
@@ -191,14 +222,14 @@ def test_table_resumes_under_stamp_resume(tmp_path, tokenizer, monkeypatch):
         assert torch.equal(t.fp.nll, plain.fp.nll)
         for row in rows:
             for col in cols:
-                assert torch.equal(t.cells[row][col].nll, plain.cells[row][col].nll)
+                assert torch.equal(t.cells[row][col][0].nll, plain.cells[row][col][0].nll)
             assert t.paired(row, "dwt") == plain.paired(row, "dwt")
     # a cell evaluated on its own is the same cell as the table's (same key)
     r = llm.llm_recipe("smoothquant", stamp="dwt", hp_tokens=8, seq_len=64)
     st = cells.default_store("llm")
     one = llm.evaluate(model, ev, r, calib=cal, progress=False, store=st)
     assert st.counts() == {"computed": 0, "reused": 1}
-    assert torch.equal(one.nll, plain.cells[("smoothquant", "rtn")]["dwt"].nll)
+    assert torch.equal(one.nll, plain.cells[("smoothquant", "rtn")]["dwt"][0].nll)
     # another window set, another calibration set or other weights: other cells
     llm.run_table(model, ev[:1], cal, rows[:1], cols[:1], hp_tokens=8, progress=False, store=st)
     assert st.counts()["computed"] == 2  # FP and rtn/none on one window

@@ -9,17 +9,26 @@ MLP projection (``model.layers.*``; the embeddings and ``lm_head`` stay in full 
 ``smoothquant`` as ``rtn`` after per-channel smoothing :math:`X\,\mathrm{diag}(s)^{-1}`,
                 :math:`\mathrm{diag}(s) W` with :math:`s_j = \max|X_j|^\alpha / \max|W_j|^{1-\alpha}`
                 from calibration windows (Xiao et al., 2023).
-``quarot``      a real orthogonal Hadamard rotation of every linear layer's input features, the
-                weight rotated and *then* quantized (RTN or GPTQ). QuaRot (Ashkboos et al., 2024)
-                instead fuses one rotation of the residual stream into the norms and embeddings
-                and adds online Hadamards only before ``down_proj`` and inside attention; here each
-                layer is rotated on its own (an online rotation per layer), which quantizes the
-                same kind of rotated activations but is not the same network transformation.
+``quarot``      QuaRot as published (Ashkboos et al., 2024; :mod:`stamp_lib.model.quarot`): the norms'
+                scales fused into the next linears, a randomized Hadamard rotation of the residual
+                stream (seed ``hadamard_seed``) fused into embeddings, every linear and ``lm_head``,
+                an online Hadamard before ``down_proj``, head-wise Hadamards on V / ``o_proj`` and
+                on Q / K after RoPE; the rotated weights quantized (RTN or GPTQ). Where the
+                architecture forbids fusing the residual rotation (Gemma-3's post-norms), every
+                linear's input is rotated online instead, and the plan says so.
+``hadamard``    the per-linear variant: an online Hadamard (random signs from ``hadamard_seed``)
+                on every linear layer's input, folded into that layer's weight before it is
+                quantized. It quantizes the same kind of rotated activations, but is not QuaRot's
+                network transformation.
 ==============  ==================================================================================
 
-Every quantized row is *bit-matched*: the baseline keeps its first ``hp_tokens`` (untransformed)
-tokens at ``hp_bits`` (as the paper did), and STaMP keeps its first ``hp_tokens`` *transformed*
-rows at ``hp_bits`` (Haar DWT with ``levels``, or DCT/WHT). Keys (after RoPE) and values are
+Columns (:data:`COLUMNS`): ``uniform`` (every token at ``a_bits``, 4.0 bits), and three
+*bit-matched* ones: the baseline keeps its first ``hp_tokens`` (untransformed) tokens at
+``hp_bits`` (as the paper did), and STaMP keeps its first ``hp_tokens`` *transformed* rows at
+``hp_bits`` (Haar DWT with ``levels``, or DCT/WHT). What is random in a row (QuaRot's seed,
+SmoothQuant's and GPTQ's calibration windows) is drawn ``draws`` times (:func:`run_table`), and
+every comparison is paired on (draw, window) with a t interval of the crossed design
+(:func:`stamp_lib.core.stats.crossed_difference`). Keys (after RoPE) and values are
 quantized per token and head with the same two-level rule (``kv_bits``), with or without the
 sequence transform (``kv_stamp``; the paper does not say).
 
@@ -33,7 +42,7 @@ position i can depend on tokens after i: these perplexities are not strictly cau
 
 Command line (one table cell)::
 
-    python -m stamp_lib llm --model smollm2-135m --method quarot --weights gptq --stamp dwt --kv-bits 4 --windows 8
+    python -m stamp_lib llm --model smollm2-135m --method quarot --weights gptq --stamp dwt --kv-bits 4 --windows 8 --draw 1
     python -m stamp_lib llm --model meta-llama/Meta-Llama-3-8B --device-map auto --method rtn --stamp dwt
 
 Bad arguments are refused before anything loads, with one line and exit status 2
@@ -84,28 +93,43 @@ LINEARS = "model.layers.*"
 
 def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, levels: int | None = None,
                seq_len: int = 2048, a_bits: int = 4, w_bits: int = 4, kv_bits: int | None = 4, hp_tokens: int = 64,
-               hp_bits: int = 8, kv_stamp: bool = False, alpha: float = 0.5, patterns=LINEARS) -> Recipe:
+               hp_bits: int = 8, kv_stamp: bool = False, alpha: float = 0.5, hadamard_seed: int | None = 0,
+               patterns=LINEARS) -> Recipe:
     """The recipe of one Table 2 cell (see the module docstring). ``stamp``: ``None``/``"none"``
-    (bit-matched baseline) or a sequence transform; ``kv_bits=None`` leaves K/V in full precision.
-    ``levels`` (Haar): default :func:`stamp_lib.core.transforms.haar_levels` of ``seq_len`` (the
-    approximation band is the high-precision rows)."""
+    (bit-matched baseline) or a sequence transform; ``hp_tokens=0``: uniform ``a_bits`` (and
+    ``kv_bits``) on every token, no high-precision rows; ``kv_bits=None`` leaves K/V in full
+    precision. ``levels`` (Haar): default :func:`stamp_lib.core.transforms.haar_levels` of
+    ``seq_len`` (the approximation band is the high-precision rows). ``hadamard_seed``: the random
+    signs of QuaRot's residual rotation (``quarot``) or of the per-linear rotations (``hadamard``);
+    ``None``: a plain Hadamard."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     stamp = None if stamp in (None, "none", "identity") else stamp
     if stamp is not None and stamp not in STAMPS:
         raise ValueError(f"unknown STaMP transform {stamp!r}; choose one of {STAMPS}")
-    name = f"{method}" + ("" if method == "fp" else f"/{weights}") + (f"+stamp-{stamp}" if stamp else "")
+    seeded = method in ("quarot", "hadamard")
+    name = (f"{method}" + ("" if method == "fp" else f"/{weights}")
+            + (f"-seed{hadamard_seed}" if seeded and hadamard_seed is not None else "")
+            + ("/uniform" if method != "fp" and not hp_tokens else "") + (f"+stamp-{stamp}" if stamp else ""))
     if method == "fp":
         return Recipe((Rule(patterns),), name=name)
     tr = stamp or "identity"
-    lv = (levels or transforms.haar_levels(seq_len, hp_tokens)) if tr == "dwt" else None
-    act = ActQuant(bits=f"{hp_tokens}x{hp_bits}+{a_bits}", transform=tr, levels=lv)
+    lv = (levels or transforms.haar_levels(seq_len, max(hp_tokens, 1))) if tr == "dwt" else None
+
+    def bits(low):
+        return f"{hp_tokens}x{hp_bits}+{low}" if hp_tokens else low
+
+    act = ActQuant(bits=bits(a_bits), transform=tr, levels=lv)
     kv = None
     if kv_bits:
         ktr = tr if kv_stamp else "identity"
-        kv = ActQuant(bits=f"{hp_tokens}x{hp_bits}+{kv_bits}", transform=ktr, levels=lv if ktr == "dwt" else None)
-    rule = Rule(patterns, act=act, weight=WeightQuant(bits=w_bits, method=weights), feature=FEATURE_OF[method],
-                alpha=alpha)
+        kv = ActQuant(bits=bits(kv_bits), transform=ktr, levels=lv if ktr == "dwt" else None)
+    weight = WeightQuant(bits=w_bits, method=weights)
+    if method == "quarot":
+        rule = Rule(patterns, act=act, weight=weight)
+        return Recipe((rule,), kv=kv, name=name, network="quarot", network_seed=hadamard_seed)
+    rule = Rule(patterns, act=act, weight=weight, feature=FEATURE_OF[method], alpha=alpha,
+                hadamard_seed=hadamard_seed if method == "hadamard" else None)
     return Recipe((rule,), kv=kv, name=name)
 
 
@@ -215,14 +239,24 @@ def paired(base: Eval, other: Eval) -> dict:
     ``other`` better) with its standard error, the perplexity ratio, and windows where ``other`` wins."""
     if base.nll.shape != other.nll.shape:
         raise ValueError("paired comparison needs the same windows")
-    p = stats.paired_difference(base.nll, other.nll, better="lower")
-    return {"delta_nll": p["mean"], "se_delta_nll": p["se"], "ci95_lo": p["ci_lo"], "ci95_hi": p["ci_hi"],
-            "ppl_ratio": math.exp(p["mean"]), "wins": p["wins"], "n": p["n"], "beyond_2se": p["beyond_2se"],
-            "beyond_ci95": p["beyond_ci"]}
+    return paired_nll(base.nll[None], other.nll[None])
 
 
 ROWS = (("rtn", "rtn"), ("smoothquant", "rtn"), ("quarot", "rtn"), ("quarot", "gptq"))
-COLUMNS = ("none", "dwt", "dct")
+#: uniform A4 (4.0 bits), the bit-matched baseline (64x8+4, no transform), STaMP with the Haar DWT / the DCT
+COLUMNS = ("uniform", "none", "dwt", "dct")
+
+
+def row_randomness(method: str, weights: str) -> tuple[str, ...]:
+    """What is random in a row's preparation: ``"seed"`` (QuaRot's and the per-linear Hadamard's
+    random signs) and ``"calibration"`` (SmoothQuant's scales, GPTQ's Hessians); ``()``: nothing,
+    one draw is the whole row."""
+    r = ()
+    if method in ("quarot", "hadamard"):
+        r += ("seed",)
+    if method == "smoothquant" or weights == "gptq":
+        r += ("calibration",)
+    return r
 
 
 # The paper's Table 2 (W4A4KV4, WikiText-2 perplexity, 2048-token windows; without -> with STaMP),
@@ -238,50 +272,131 @@ PAPER_TABLE2 = {
 
 
 def _column(col: str) -> dict:
-    """A table column name -> recipe keywords: ``"none"`` (bit-matched baseline), a transform, or
-    ``"<transform>+kv"`` (the sequence transform on keys and values too)."""
+    """A table column name -> recipe keywords: ``"uniform"`` (every token at the low bits),
+    ``"none"`` (bit-matched baseline), a transform, or ``"<transform>+kv"`` (the sequence transform
+    on keys and values too)."""
+    if col == "uniform":
+        return {"stamp": "none", "hp_tokens": 0}
     stamp, _, kv = col.partition("+")
-    if kv not in ("", "kv"):
-        raise ValueError(f"bad column {col!r}: use 'none', a transform, or '<transform>+kv'")
+    if kv not in ("", "kv") or stamp not in STAMPS:
+        raise ValueError(f"bad column {col!r}: use 'uniform', 'none', a transform {STAMPS[1:]}, or '<transform>+kv'")
     return {"stamp": stamp, "kv_stamp": kv == "kv"}
+
+
+def calibration_draw(calib_windows: torch.Tensor | None, draws: int, k: int) -> torch.Tensor | None:
+    """Draw ``k`` of ``draws``: the k-th of ``draws`` disjoint, equal blocks of the calibration
+    windows (``None`` stays ``None``)."""
+    if calib_windows is None:
+        return None
+    n = calib_windows.shape[0] // draws
+    if n < 1:
+        raise ValueError(f"{calib_windows.shape[0]} calibration windows cannot make {draws} draws")
+    return calib_windows[k * n:(k + 1) * n]
 
 
 @dataclass
 class Table:
-    """The Table 2 analog: ``fp`` and ``cells[(method, weights)][column]`` (:class:`Eval`), all on
-    the same windows; ``knobs`` holds the shared settings; ``counts`` how many cells this run
-    computed and how many it reused from a store (``{}`` without one)."""
+    """The Table 2 analog: ``fp`` and ``cells[(method, weights)][column]``, a list of :class:`Eval`
+    (one per draw of the row's randomness, :func:`row_randomness`; one for a row without any and
+    for the ``single_draw`` columns), all on the same windows; ``knobs`` holds the shared settings;
+    ``counts`` how many cells this run computed and how many it reused from a store (``{}``
+    without one)."""
 
     fp: Eval
     cells: dict
     knobs: dict
     counts: dict = field(default_factory=dict)
 
+    def nll(self, row, column: str, draws: int | None = None) -> torch.Tensor:
+        """(draws, windows) per-window NLL of one cell (the first ``draws`` draws)."""
+        return torch.stack([e.nll for e in self.cells[row][column][:draws]])
+
     def paired(self, row, column: str, base: str = "none") -> dict:
-        return paired(self.cells[row][base], self.cells[row][column])
+        """``column`` - ``base`` over the draws both have, paired on (draw, window):
+        :func:`stamp_lib.core.stats.crossed_difference` (t interval; one draw: over windows)."""
+        n = min(len(self.cells[row][column]), len(self.cells[row][base]))
+        return paired_nll(self.nll(row, base, n), self.nll(row, column, n))
+
+    def level(self, row, column: str) -> dict:
+        """Mean NLL of a cell over its draws and windows with its 95% interval (``mean``, ``ci_lo``,
+        ``ci_hi``; the crossed design of :meth:`paired`) and the perplexity ``ppl`` = exp(mean)."""
+        return _level(self.nll(row, column))
+
+    def fp_level(self) -> dict:
+        """:meth:`level` of the full-precision row."""
+        return _level(self.fp.nll[None])
+
+    def to_dict(self) -> dict:
+        """JSON-able: per cell and draw the per-window NLL and the bits spent (for a results file;
+        :meth:`from_dict` reads it back)."""
+        def ev(e):
+            return {"nll": e.nll.tolist(), "act_bits": e.act_bits, "kv_bits": e.kv_bits, "recipe": e.knobs.get("name")}
+
+        return {"fp": ev(self.fp), "knobs": self.knobs,
+                "cells": [{"row": list(row), "column": col, "draws": [ev(e) for e in es]}
+                          for row, cols in self.cells.items() for col, es in cols.items()]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Table":
+        def ev(v):
+            return Eval(nll=torch.tensor(v["nll"], dtype=torch.float64), knobs={"name": v.get("recipe")},
+                        act_bits=v["act_bits"], kv_bits=v["kv_bits"])
+
+        cells: dict = {}
+        for c in d["cells"]:
+            cells.setdefault(tuple(c["row"]), {})[c["column"]] = [ev(v) for v in c["draws"]]
+        return cls(fp=ev(d["fp"]), cells=cells, knobs=d.get("knobs", {}))
+
+
+def _level(x: torch.Tensor) -> dict:
+    """Mean of (draws, windows) NLL with its 95% interval (crossed design) and exp of each."""
+    c = stats.crossed_difference(torch.zeros_like(x), x)
+    return {"mean": c["mean"], "ci_lo": c["ci_lo"], "ci_hi": c["ci_hi"], "se": c["se"], "ppl": math.exp(c["mean"]),
+            "ppl_lo": math.exp(c["ci_lo"]) if c["ci_lo"] == c["ci_lo"] else float("nan"),
+            "ppl_hi": math.exp(c["ci_hi"]) if c["ci_hi"] == c["ci_hi"] else float("nan"),
+            "draws": c["draws"], "windows": c["units"]}
+
+
+def paired_nll(base: torch.Tensor, other: torch.Tensor) -> dict:
+    """:func:`paired` for (draws, windows) arrays: the crossed-design comparison with the keys of
+    :func:`paired` plus ``draws``, ``df``, ``var_draws`` / ``var_units`` (which dominates the spread)."""
+    p = stats.crossed_difference(base, other, better="lower")
+    return {"delta_nll": p["mean"], "se_delta_nll": p["se"], "ci95_lo": p["ci_lo"], "ci95_hi": p["ci_hi"],
+            "ppl_ratio": math.exp(p["mean"]), "wins": p["wins"], "n": p["n"], "beyond_2se": p["beyond_2se"],
+            "beyond_ci95": p["beyond_ci"], "draws": p["draws"], "windows": p["units"], "df": p["df"],
+            "var_draws": p["var_draws"], "var_windows": p["var_units"], "draw_means": p["draw_means"],
+            # the keys of the verdict rule (stamp_lib.book.claims.judge)
+            "mean": p["mean"], "ci_lo": p["ci_lo"], "ci_hi": p["ci_hi"]}
 
 
 def run_table(model, eval_windows: torch.Tensor, calib_windows: torch.Tensor | None, rows=ROWS, columns=COLUMNS, *,
-              batch_size: int = 1, progress: bool = True, store=None, **recipe_kw) -> Table:
-    """Evaluate every ``(method, weights)`` row in every column on the same windows. One preparation
-    per row (calibration, smoothing, rotation, GPTQ) serves all its columns.
+              draws: int = 1, single_draw=("uniform",), batch_size: int = 1, progress: bool = True, store=None,
+              **recipe_kw) -> Table:
+    """Evaluate every ``(method, weights)`` row in every column on the same windows, over
+    ``draws`` draws of what is random in the row (:func:`row_randomness`): draw k uses Hadamard
+    seed k and the k-th of ``draws`` disjoint blocks of ``calib_windows``
+    (:func:`calibration_draw`). A row without randomness is computed once; the ``single_draw``
+    columns (the uniform A4 reference) on draw 0 only. One preparation per (row, draw)
+    (calibration, smoothing, rotation, GPTQ) serves all its columns.
 
     ``store``: a :class:`~stamp_lib.core.cells.CellStore` (or folder) keeping every finished cell
-    (the FP row and each ``(row, column)``) as it goes: a rerun, after an interruption, reuses them
-    (a row whose cells are all stored is not even prepared) and computes the rest, with the very
-    same numbers. ``None``: no store, unless ``STAMP_RESUME=1`` (then the default store,
-    ``data/cache/cells/llm``); ``False``: never one. See :mod:`stamp_lib.core.cells`."""
+    (the FP row and each ``(row, column, draw)``) as it goes: a rerun, after an interruption,
+    reuses them (a row whose cells are all stored is not even prepared) and computes the rest,
+    with the very same numbers. ``None``: no store, unless ``STAMP_RESUME=1`` (then the default
+    store, ``data/cache/cells/llm``); ``False``: never one. See :mod:`stamp_lib.core.cells`."""
     from tqdm.auto import tqdm
 
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive int, got {draws!r}")
     store = cellstore.resolve(store, "llm")
     before = store.counts() if store is not None else None
     model_fp = cellstore.fingerprint(model) if store is not None else None
     seq_len = eval_windows.shape[1]
     recipe_kw.setdefault("seq_len", seq_len)
 
-    def cell(recipe, prep_fn, bs):
+    def cell(recipe, calib, prep_fn, bs):
         """One cell: stored, or computed (preparing on demand) and stored."""
-        key = _cell_key(model_fp, eval_windows, calib_windows, recipe, bs) if store is not None else None
+        key = _cell_key(model_fp, eval_windows, calib, recipe, bs) if store is not None else None
         hit = store.get(key) if key is not None else None
         if hit is not None:
             return _eval_from(hit, recipe)
@@ -290,29 +405,35 @@ def run_table(model, eval_windows: torch.Tensor, calib_windows: torch.Tensor | N
             store.put(key, _eval_value(out))
         return out
 
-    fp = cell(llm_recipe("fp"), lambda: None, 1)
+    fp = cell(llm_recipe("fp"), None, lambda: None, 1)
     cells = {}
-    jobs = [(row, col) for row in rows for col in columns]
-    bar = tqdm(total=len(jobs), desc="table cells", disable=None if progress else True)  # off in a log file
+    plan = []
     for row in rows:
-        method, weights = row
-        base = llm_recipe(method, weights=weights, **recipe_kw)
+        nd = draws if row_randomness(*row) else 1
+        for k in range(nd):
+            plan.append((row, k, [c for c in columns if k == 0 or c not in single_draw]))
+    bar = tqdm(total=sum(len(c) for _, _, c in plan), desc="table cells", disable=None if progress else True)
+    for (method, weights), k, cols in plan:
+        row = (method, weights)
+        calib = calibration_draw(calib_windows, draws, k) if "calibration" in row_randomness(*row) else None
+        kw = {**recipe_kw, "hadamard_seed": k}
+        base = llm_recipe(method, weights=weights, **kw)
         prep = []
 
-        def prepared(base=base, prep=prep):
+        def prepared(base=base, prep=prep, calib=calib):
             if not prep:  # the row's preparation, only when one of its cells is computed
-                prep.append(rcp.prepare(model, base, calib_windows if base.needs_calibration() else None,
-                                        progress=False))
+                prep.append(rcp.prepare(model, base, calib if base.needs_calibration() else None, progress=False))
             return prep[0]
 
-        cells[row] = {}
-        for col in columns:
-            r = llm_recipe(method, weights=weights, **{**recipe_kw, **_column(col)})
-            cells[row][col] = cell(r, prepared, batch_size)
+        for col in cols:
+            r = llm_recipe(method, weights=weights, **{**kw, **_column(col)})
+            cells.setdefault(row, {}).setdefault(col, []).append(cell(r, calib, prepared, batch_size))
             bar.update(1)
     bar.close()
-    knobs = {"seq_len": seq_len, "windows": int(eval_windows.shape[0]),
-             "calib_windows": 0 if calib_windows is None else int(calib_windows.shape[0]),
+    n_cal = 0 if calib_windows is None else int(calib_windows.shape[0]) // draws
+    knobs = {"seq_len": seq_len, "windows": int(eval_windows.shape[0]), "draws": draws,
+             "calib_windows_per_draw": n_cal,
+             "draw": "draw k: Hadamard seed k, calibration windows k*n..(k+1)*n-1 of the calibration split",
              "recipe_example": llm_recipe(rows[0][0], weights=rows[0][1], **{**recipe_kw, "stamp": "dwt"}).knobs(),
              **{k: v for k, v in recipe_kw.items()}}
     counts = store.since(before) if store is not None else {}
@@ -372,9 +493,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..16")
     p.add_argument("--kv-bits", type=int, default=4, help="K/V bits, 2..16; 0 leaves K/V in full precision")
     p.add_argument("--kv-stamp", action="store_true", help="apply the sequence transform to K/V too")
-    p.add_argument("--hp-tokens", type=int, default=64, help="high-precision (transformed) rows, 1..seq_len")
+    p.add_argument("--hp-tokens", type=int, default=64,
+                   help="high-precision (transformed) rows, 0..seq_len (0: uniform --a-bits / --kv-bits on every token)")
     p.add_argument("--hp-bits", type=int, default=8, help="bits of the high-precision rows, 2..16")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength, 0..1")
+    p.add_argument("--draw", type=int, default=0,
+                   help="draw k of the method's randomness: calibration windows k*n..(k+1)*n-1 (n = --calib-windows) "
+                        "and, unless --hadamard-seed is given, Hadamard seed k")
+    p.add_argument("--hadamard-seed", type=int, default=None,
+                   help="random signs of QuaRot's residual rotation (--method quarot) or of the per-linear rotations "
+                        "(--method hadamard); default: the --draw")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per window, >= 2")
     p.add_argument("--windows", type=int, default=8, help="evaluation windows, >= 1")
     p.add_argument("--calib-windows", type=int, default=8,
@@ -431,7 +559,13 @@ def validate(a: argparse.Namespace) -> None:
     cli.bits(a.w_bits, "--w-bits", "weight bits")
     cli.bits(a.kv_bits, "--kv-bits", "K/V bits", off="K/V in full precision")
     cli.bits(a.hp_bits, "--hp-bits", "high-precision bits")
-    cli.whole(a.hp_tokens, "--hp-tokens", "high-precision tokens", lo=1, hi=a.seq_len,
+    cli.whole(a.draw, "--draw", "the draw index", lo=0)
+    if a.hadamard_seed is not None:
+        cli.whole(a.hadamard_seed, "--hadamard-seed", "the Hadamard seed", lo=0)
+        if a.method not in ("quarot", "hadamard"):
+            raise cli.BadInput(f"--hadamard-seed {a.hadamard_seed}", f"--method {a.method} has no Hadamard rotation; "
+                                                                     "drop it or pass --method quarot|hadamard")
+    cli.whole(a.hp_tokens, "--hp-tokens", "high-precision tokens", lo=0, hi=a.seq_len,
               hint=f" (at most the --seq-len {a.seq_len} tokens of a window)")
     cli.fraction(a.alpha, "--alpha", "the SmoothQuant migration strength")
     if a.method == "fp" and a.stamp != "none":
@@ -469,11 +603,15 @@ def validate(a: argparse.Namespace) -> None:
                                                                  "pass --calib-windows 1 or more")
 
 
+def _seed(a) -> int:
+    return a.draw if a.hadamard_seed is None else a.hadamard_seed
+
+
 def _cli_recipe(a) -> Recipe:
     try:
         return llm_recipe(a.method, weights=a.weights, stamp=a.stamp, levels=a.levels, seq_len=a.seq_len,
                           a_bits=a.a_bits, w_bits=a.w_bits, kv_bits=a.kv_bits or None, hp_tokens=a.hp_tokens,
-                          hp_bits=a.hp_bits, kv_stamp=a.kv_stamp, alpha=a.alpha)
+                          hp_bits=a.hp_bits, kv_stamp=a.kv_stamp, alpha=a.alpha, hadamard_seed=_seed(a))
     except ValueError as e:  # pragma: no cover - validate() checks every knob first
         raise cli.BadInput("arguments", str(e)) from None
 
@@ -527,7 +665,8 @@ def main(argv=None) -> dict:
         n_cal = a.calib_windows if r.needs_calibration() else 0
         calib_articles, eval_articles = text.wiki_split()
         ev = _windows(tok, eval_articles, a, a.windows, "--windows")
-        cal = _windows(tok, calib_articles, a, n_cal, "--calib-windows") if n_cal else None
+        cal = _windows(tok, calib_articles, a, n_cal * (a.draw + 1), "--calib-windows") if n_cal else None
+        cal = None if cal is None else cal[a.draw * n_cal:]
         dev = next(model.parameters()).device
         store = (cellstore.CellStore(a.cells, reuse=a.resume, experiment="llm") if a.cells
                  else cellstore.default_store("llm", reuse=a.resume))
@@ -559,8 +698,10 @@ def main(argv=None) -> dict:
            "calib_windows": n_cal, "dtype": a.dtype,
            "applied": {"levels": levels, "max_levels": transforms.max_levels_1d(a.seq_len),
                        "act_bits_spent": res.act_bits, "kv_bits_spent": res.kv_bits, **facts},
-           "seeds_drawn": [], "windows_drawn": f"the first {a.windows} (calibration: {n_cal}) windows of the "
-                                              "evaluation (calibration) split, no random draw",
+           "seeds_drawn": {"hadamard_seed": _seed(a) if a.method in ("quarot", "hadamard") else None,
+                           "draw": a.draw},
+           "windows_drawn": f"the first {a.windows} windows of the evaluation split; calibration: windows "
+                            f"{a.draw * n_cal}..{(a.draw + 1) * n_cal - 1} of the calibration split",
            "command": cli.command_line(p, a, applied=applied, skip=("quiet", "no_progress", "resume", "cells")),
            "cells": {**store.counts(), "store": str(store.folder)},
            "protocol": "non-overlapping windows of the evaluation split, tail dropped, mean token NLL, exp",
