@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_recipe import assert_restored as params_restored
+from test_recipe import snapshot
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -67,16 +69,9 @@ def tiny(arch):
 ARCHS = ["llama", "llama6", "qwen2", "gemma3"]
 
 
-def snapshot(model):
-    return {k: (v, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
-
-
 def assert_restored(model, snap):
-    now = model.state_dict(keep_vars=True)
-    assert list(now) == list(snap)
-    for k, (obj, val) in snap.items():
-        assert now[k] is obj, k  # the very same Parameter object is back
-        assert torch.equal(now[k].detach(), val), k
+    """Every parameter object and value is back (test_recipe's check) and no hook is left."""
+    params_restored(model, snap)
     assert not [n for n, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
     assert model.config._attn_implementation == "sdpa"
 
