@@ -209,13 +209,14 @@ def judge(effects: dict, *, better: str, unit: str = "", what: str = "STaMP help
     if against:
         parts.append("the other way on " + "; ".join(f"{k} {_interval_text(effects[k], unit)}" for k in against))
     if len(agree) == n:
-        status, reason = "confirmed", f"{what} beyond the 95% interval in all {n} comparisons"
+        every = {1: "the one comparison", 2: "both comparisons"}.get(n, f"all {n} comparisons")
+        status, reason = "confirmed", f"{what} beyond the 95% interval in {every}"
     elif agree:
         status = "partly confirmed"
         reason = f"{what} beyond the 95% interval in {len(agree)} of {n} comparisons; " + "; ".join(parts)
     else:
         status = "not confirmed"
-        reason = f"in none of the {n} comparisons beyond the 95% interval; " + "; ".join(parts)
+        reason = f"{what}: in none of the {n} comparisons beyond the 95% interval; " + "; ".join(parts)
     return Judgement(status, reason, tuple(agree), tuple(unclear), tuple(against))
 
 
