@@ -136,25 +136,21 @@ class _Context:
             )
         return kv_offset
 
-    def apply(self, layer_idx: int, kind: str, x: torch.Tensor, offset: int) -> torch.Tensor:
-        y = self.quantize(layer_idx, kind, x, offset)
+    @staticmethod
+    def _like(y, x: torch.Tensor, what: str) -> torch.Tensor:
+        """``y`` if it is a tensor of ``x``'s shape and dtype; a ValueError naming ``what`` otherwise."""
         if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
             got = (tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(
-                f"kv_quantization: quantize(layer_idx={layer_idx}, kind={kind!r}, ...) must return a tensor of "
-                f"shape {tuple(x.shape)} and dtype {x.dtype}, got {got}."
-            )
+            raise ValueError(f"kv_quantization: {what} must return a tensor of shape {tuple(x.shape)} and dtype "
+                             f"{x.dtype}, got {got}.")
         return y
 
+    def apply(self, layer_idx: int, kind: str, x: torch.Tensor, offset: int) -> torch.Tensor:
+        return self._like(self.quantize(layer_idx, kind, x, offset), x,
+                          f"quantize(layer_idx={layer_idx}, kind={kind!r}, ...)")
+
     def rotate(self, layer_idx: int, kind: str, x: torch.Tensor) -> torch.Tensor:
-        y = self.qk_rotation(x)
-        if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
-            got = (tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(
-                f"kv_quantization: qk_rotation of the {kind} (layer {layer_idx}) must return a tensor of shape "
-                f"{tuple(x.shape)} and dtype {x.dtype}, got {got}."
-            )
-        return y
+        return self._like(self.qk_rotation(x), x, f"qk_rotation of the {kind} (layer {layer_idx})")
 
     def wrapper(self, implementation: str) -> Callable:
         def kv_quantized_attention(module, query, key, value, attention_mask, *args, **kwargs):
