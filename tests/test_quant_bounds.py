@@ -158,6 +158,24 @@ def test_constant_rows_exact():
     assert torch.equal(quant.fake_quant(torch.zeros(3, 5), 4, symmetric=True), torch.zeros(3, 5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_subnormal_ranges_are_kept_not_nan(monkeypatch, dtype, symmetric, fused):
+    """A range so small that its step underflows to zero (hypothesis found [0, ..., 0, 5e-324] giving
+    0/0 = NaN) is kept as it is, like a zero range, on both paths; small subnormal ranges stay
+    finite and within half a step."""
+    monkeypatch.setattr(quant, "_FUSED", fused)
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    X = torch.tensor([[0.0] * 18 + [1.0], [1.0, 3.0, 7.0, 0.0] + [0.0] * 15], dtype=dtype) * tiny
+    X = torch.cat([X, torch.randn(2, 19, dtype=dtype)])  # ordinary rows beside them
+    for b in (2, 4, 8):
+        Y = quant.fake_quant(X, b, symmetric=symmetric)
+        assert torch.isfinite(Y).all()
+        assert torch.equal(Y[0], X[0])  # step underflows: kept exactly
+        assert (Y[1] - X[1]).abs().max() <= 4 * tiny
+
+
 # --- bit allocation -------------------------------------------------------------------------
 def test_two_level_bits():
     b = quant.two_level_bits(4096)

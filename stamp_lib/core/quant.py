@@ -97,14 +97,16 @@ def _grid(Xb, b, symmetric, clip_ratio, round_zero_point=False) -> Grid:
     if symmetric:
         qmax = 2.0 ** (b - 1) - 1
         amax = Xb.abs().amax(dim=-1, keepdim=True) * clip_ratio
-        exact = amax == 0
-        step = torch.where(exact, torch.ones_like(amax), amax / qmax)
+        step = amax / qmax
+        exact = step == 0  # a zero range, or a subnormal one whose step underflows
+        step = torch.where(exact, torch.ones_like(amax), step)
         return Grid(torch.zeros_like(step), step, -qmax, qmax, exact)
     levels = 2.0 ** b - 1
     lo = Xb.amin(dim=-1, keepdim=True) * clip_ratio
     hi = Xb.amax(dim=-1, keepdim=True) * clip_ratio
-    exact = (hi - lo) <= 0
-    step = torch.where(exact, torch.ones_like(lo), (hi - lo) / levels)
+    step = (hi - lo) / levels
+    exact = step <= 0  # a zero range, or a subnormal one whose step underflows
+    step = torch.where(exact, torch.ones_like(lo), step)
     if round_zero_point:
         lo = -torch.round(-lo / step) * step
     return Grid(lo, step, torch.zeros_like(levels), levels, exact)
@@ -167,6 +169,11 @@ def _fake_quant(X, b, symmetric=False, clip_ratio=1.0, block_size=None, round_ze
     return out if out_scale is None else out * out_scale
 
 
+def _tiny(dtype: torch.dtype) -> float:
+    """The smallest positive (subnormal) number of ``dtype``."""
+    return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+
+
 def _fake_quant_unclipped(Xb: torch.Tensor, b: torch.Tensor, symmetric: bool, out_scale=None,
                           inplace: bool = False) -> torch.Tensor:
     r""":func:`_grid` and :func:`round_to_grid` fused for an unclipped min-max grid (``clip_ratio=1``,
@@ -178,20 +185,23 @@ def _fake_quant_unclipped(Xb: torch.Tensor, b: torch.Tensor, symmetric: bool, ou
     Nothing needs clamping there: :math:`0 \le v - lo \le fl(hi - lo)` and
     :math:`fl(hi - lo) / fl(fl(hi - lo)/L) \le L (1 + 2^{-22}) < L + 1/2` for every
     :math:`L = 2^b - 1 < 2^{16}` in float32 or float64 (symmetrically :math:`|v| / step < q_{max} + 1/2`),
-    so the rounded value is already in ``[qmin, qmax]``. A zero-range block has ``step = 1`` and every
-    entry equal to ``lo``, so ``lo + 0 * 1`` returns it unchanged: no ``where`` either.
+    so the rounded value is already in ``[qmin, qmax]`` (for normal steps; a subnormal step may
+    land one level past the end, still within step/2). A step of zero (a zero range, or a subnormal
+    range whose step underflows) becomes the smallest subnormal ``tiny``: the entries differ from
+    ``lo`` by exact multiples of ``tiny``, so ``lo + q * tiny`` returns them unchanged, as the
+    unfused path keeps such blocks: no ``where`` either.
     ``out_scale`` (powers of two, broadcastable as (s, 1, 1)) multiplies ``step`` and ``lo`` (exact).
     ``inplace``: work in ``Xb``'s memory (no fresh tensor at all)."""
     if symmetric:  # lo = 0: v / step, rounded, times step; max|v| = max(max v, -min v), no |X| tensor
         amax = torch.maximum(Xb.amax(dim=-1, keepdim=True), Xb.amin(dim=-1, keepdim=True).neg_())
         step = amax / (2.0 ** (b - 1) - 1)
-        step.masked_fill_(amax == 0, 1.0)
+        step.clamp_min_(_tiny(Xb.dtype))
         q = (Xb.div_(step) if inplace else torch.div(Xb, step)).round_()
         return q.mul_(step if out_scale is None else step * out_scale)
     lo = Xb.amin(dim=-1, keepdim=True)
     rng = Xb.amax(dim=-1, keepdim=True) - lo
     step = rng / (2.0 ** b - 1)
-    step.masked_fill_(rng <= 0, 1.0)
+    step.clamp_min_(_tiny(Xb.dtype))
     q = (Xb.sub_(lo) if inplace else torch.sub(Xb, lo)).div_(step).round_()
     if out_scale is not None:
         step, lo = step * out_scale, lo * out_scale
