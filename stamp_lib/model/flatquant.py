@@ -1,8 +1,10 @@
-r"""FlatQuant as a model-level method for Llama-style decoders: which learnable transform goes
-where, the block-by-block calibration, and the quantized model.
+r"""FlatQuant as a model-level method for decoders (Llama, Qwen2, Gemma-3): which learnable
+transform goes where, the block-by-block calibration, and the quantized model.
 
 Per decoder layer (as ``FlatQuantLlamaAttention`` / ``FlatQuantLlamaMLP`` in the published code;
-building blocks in :mod:`stamp_lib.methods.flatquant`):
+building blocks in :mod:`stamp_lib.methods.flatquant`). Every transform sits on a linear layer's
+input (the per-channel scales are applied online, not fused into the norms), so Gemma-3's sandwich
+norms need nothing special (the published code covers Llama and Qwen; Gemma-3 is this study's):
 
 ==================  ==========================================================================
 ``ln``              :math:`(x \odot s) (P_1 \otimes P_2)` on the input of q/k/v (width d)
@@ -53,6 +55,9 @@ from .quarot import QuaRotPlan, _find_decoder, rotated
 __all__ = ["FlatQuantConfig", "LayerFlat", "FlatQuantResult", "calibrate", "flatquant", "LABEL"]
 
 LABEL = "FlatQuant"
+SUPPORTED = ("decoders whose layers have self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj linears: Llama, "
+             "Qwen2, Mistral, Gemma-3 (every transform sits on a linear's input, so the norms, pre or sandwich, "
+             "are not touched)",)
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -146,9 +151,13 @@ class FlatQuantResult:
 def _structure(model: nn.Module):
     prefix, dec = _find_decoder(model)
     layers = list(dec.layers)
-    if not layers or any(hasattr(layer, "post_feedforward_layernorm") for layer in layers):
-        raise ValueError(f"flatquant: {type(model).__name__} is not supported: Llama-style pre-norm decoders only "
-                         "(LlamaForCausalLM, Qwen2ForCausalLM, ...); Gemma-3's sandwich norms are not handled yet")
+    for i, layer in enumerate(layers):
+        for sub, names in (("self_attn", _ATTN), ("mlp", _MLP)):
+            if not all(isinstance(getattr(getattr(layer, sub, None), n, None), nn.Linear) for n in names):
+                raise ValueError(f"flatquant: {type(model).__name__} is not supported: layer {i} lacks the linears "
+                                 f"{sub}.{{{', '.join(names)}}}. Supported: " + "; ".join(SUPPORTED))
+    if not layers:
+        raise ValueError(f"flatquant: {type(model).__name__} has no decoder layers")
     a0 = layers[0].self_attn
     hd = getattr(a0, "head_dim", None) or a0.config.hidden_size // a0.config.num_attention_heads
     dims = {"d": dec.embed_tokens.weight.shape[1], "dff": layers[0].mlp.down_proj.in_features, "head_dim": hd,
@@ -247,24 +256,38 @@ class _Stop(Exception):
     pass
 
 
+def _call(layer, x, kw):
+    out = layer(x, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
-def _layer0_inputs(model, dec, calib: torch.Tensor):
+def _layer_inputs(model, dec, calib: torch.Tensor):
     """The hidden states entering layer 0 for every calibration window (n, s, d), and the keyword
-    arguments of one window's call (RoPE embeddings, mask, positions), shared by all batches."""
-    xs, kw = [], {}
+    arguments of each layer's call for one window (RoPE embeddings, mask and positions: Gemma-3's
+    sliding and full layers get different ones), shared by all batches."""
+    xs, kws = [], {}
 
     def grab(module, args, kwargs):
         xs.append(args[0] if args else kwargs["hidden_states"])
-        kw.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")})
         raise _Stop
 
+    def keep(i):
+        def hook(module, args, kwargs):
+            kws[i] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for i, layer in enumerate(dec.layers):
+            stack.enter_context(hooks.module_hook(layer, keep(i)))
+        model(calib[:1], use_cache=False)  # a cache would keep every batch's keys
     with hooks.module_hook(dec.layers[0], grab):
         for row in calib:
             try:
-                model(row[None], use_cache=False)  # a cache would keep every batch's keys
+                model(row[None], use_cache=False)
             except _Stop:
                 pass
-    return torch.cat(xs), kw
+    return torch.cat(xs), kws
 
 
 def _absmax_inputs(layer, x, kw, batch_size):
@@ -278,7 +301,7 @@ def _absmax_inputs(layer, x, kw, batch_size):
 
     mods = {"ln": layer.self_attn.q_proj, "up_gate": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
     with hooks.input_hooks(mods, keep):
-        outs = torch.cat([layer(x[i:i + batch_size], **kw) for i in range(0, x.shape[0], batch_size)])
+        outs = torch.cat([_call(layer, x[i:i + batch_size], kw) for i in range(0, x.shape[0], batch_size)])
     return seen, outs
 
 
@@ -304,12 +327,12 @@ def calibrate(model: nn.Module, calib: torch.Tensor, config: FlatQuantConfig | N
         p.requires_grad_(False)
     flats, logs = {}, []
     try:
-        x, kw = _layer0_inputs(model, dec, calib)
+        x, kws = _layer_inputs(model, dec, calib)
         if progress is not None:
             progress.total = len(layers) * cfg.epochs * (x.shape[0] // cfg.batch_size)
         for i, layer in enumerate(layers):
             with torch.no_grad():
-                amax, target = _absmax_inputs(layer, x, kw, cfg.batch_size)
+                amax, target = _absmax_inputs(layer, x, kws[i], cfg.batch_size)
             F = LayerFlat(layer, dims, cfg, seed=cfg.seed * 1000 + 10 * i, dtype=dtype)
             with torch.no_grad():
                 a = layer.self_attn
@@ -320,9 +343,9 @@ def calibrate(model: nn.Module, calib: torch.Tensor, config: FlatQuantConfig | N
                     getattr(F, name).diag.copy_(fq.smooth_init(wmax, amax[name].clamp(min=1e-5), cfg.alpha))
             flats[i] = F
 
-            def block(xb, layer=layer, F=F):
-                weights = _layer_weights(layer, F, dims, cfg, quantize=True)
-                return torch.func.functional_call(layer, weights, (xb,), kw)
+            def block(xb, layer=layer, F=F, kw=kws[i]):
+                out = torch.func.functional_call(layer, _layer_weights(layer, F, dims, cfg, quantize=True), (xb,), kw)
+                return out[0] if isinstance(out, tuple) else out
 
             with _hooked(model, {i: layer}, flats, dims, cfg, quantize=True):
                 logs.append(fq.fit(block, x, target, F.transform_params(), F.clip_params(), epochs=cfg.epochs,
