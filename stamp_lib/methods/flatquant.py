@@ -44,8 +44,8 @@ from torch import nn
 from ..core.hadamard import kron_apply_reference
 from .features import FeatureTransform, _cast_cache
 
-__all__ = ["decompose_dim", "KronAffine", "KronMatrix", "ClipFactors", "ste_round", "quant_weight", "quant_act",
-           "smooth_init", "fit", "FitLog", "CLIP_INIT"]
+__all__ = ["decompose_dim", "KronAffine", "KronMatrix", "ClipFactors", "ste_round", "clip_weight", "quant_weight",
+           "quant_act", "smooth_init", "fit", "FitLog", "CLIP_INIT"]
 
 CLIP_INIT = 4.0  # FlatQuant's initial clip logit: sigmoid(4) = 0.982
 
@@ -259,12 +259,18 @@ def _quant(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, bits: int, symme
     return (torch.clamp(ste_round(x / scale) + zero, 0, levels) - zero) * scale
 
 
-def quant_weight(W: torch.Tensor, bits: int, clip: ClipFactors | None = None, symmetric: bool = True) -> torch.Tensor:
-    """FlatQuant's weight quantizer: each row (output channel) clamped to its clipped range (LWC),
-    then quantized on a grid over that range, straight-through."""
+def clip_weight(W: torch.Tensor, clip: ClipFactors) -> torch.Tensor:
+    """Each row (output channel) of ``W`` clamped to its range times the learnable ratios (LWC)."""
     hi, lo = _ranges(W, clip)
+    return torch.clamp(W, min=lo, max=hi)
+
+
+def quant_weight(W: torch.Tensor, bits: int, clip: ClipFactors | None = None, symmetric: bool = True) -> torch.Tensor:
+    """FlatQuant's weight quantizer: each row (output channel), clipped first when ``clip`` is given
+    (:func:`clip_weight`), quantized on a grid over its range, straight-through."""
     if clip is not None:
-        W = torch.clamp(W, min=lo, max=hi)
+        W = clip_weight(W, clip)
+    hi, lo = _ranges(W, None)
     return _quant(W, hi, lo, bits, symmetric)
 
 

@@ -167,24 +167,18 @@ def _structure(model: nn.Module):
 
 def _layer_weights(layer: nn.Module, F: LayerFlat, dims: dict, cfg: FlatQuantConfig, quantize: bool,
                    dtype=None) -> dict:
-    """Every linear's final weight (and v_proj's bias): folded with the transforms and, with
-    ``quantize``, clipped (LWC) and quantized; names relative to the layer."""
+    """Every linear's final weight (and v_proj's bias), names relative to the layer: folded with the
+    input transforms; with ``quantize`` clipped (LWC); v_proj's rows transformed by P_v; with
+    ``quantize`` quantized over each final row's range. The order is the published one (the clip
+    comes before v_proj's output transform)."""
     hd, nq, nkv = dims["head_dim"], dims["num_heads"], dims["num_kv_heads"]
     a, mlp = layer.self_attn, layer.mlp
-    out = {}
 
     def w(lin):
         W = lin.weight
         return W if dtype is None else W.to(dtype)
 
-    Pv = F.v.mats("forward")[0]
-    for n in ("q_proj", "k_proj", "v_proj"):
-        W = F.ln.fold_weight(w(getattr(a, n)))
-        if n == "v_proj":  # every value head v_h -> v_h P_v: rows P_v^T W_h, bias b_h P_v
-            W = torch.einsum("ji,hjc->hic", Pv.to(W.dtype), W.view(nkv, hd, -1)).reshape(nkv * hd, -1)
-            if a.v_proj.bias is not None:
-                out["self_attn.v_proj.bias"] = (a.v_proj.bias.to(W.dtype).view(nkv, hd) @ Pv.to(W.dtype)).reshape(-1)
-        out[f"self_attn.{n}.weight"] = W
+    out = {f"self_attn.{n}.weight": F.ln.fold_weight(w(getattr(a, n))) for n in ("q_proj", "k_proj", "v_proj")}
     Wo = w(a.o_proj)
     Oit, Pvit = F.o.mats("inverse_t")[0].to(Wo.dtype), F.v.mats("inverse_t")[0].to(Wo.dtype)
     out["self_attn.o_proj.weight"] = torch.einsum("ohj,hk,jc->okc", Wo.view(Wo.shape[0], nq, hd), Oit,
@@ -193,9 +187,16 @@ def _layer_weights(layer: nn.Module, F: LayerFlat, dims: dict, cfg: FlatQuantCon
         out[f"mlp.{n}.weight"] = F.up_gate.fold_weight(w(getattr(mlp, n)))
     out["mlp.down_proj.weight"] = F.down.fold_weight(w(mlp.down_proj))
     if quantize:
-        for k in [k for k in out if k.endswith(".weight")]:
-            short = k.split(".")[1]
-            out[k] = fq.quant_weight(out[k], cfg.w_bits, F.wclip[short] if short in F.wclip else None)
+        out = {k: fq.clip_weight(W, F.wclip[k.split(".")[1]]) if k.split(".")[1] in F.wclip else W
+               for k, W in out.items()}
+    # every value head v_h -> v_h P_v: rows P_v^T W_h, bias b_h P_v
+    W = out["self_attn.v_proj.weight"]
+    Pv = F.v.mats("forward")[0].to(W.dtype)
+    out["self_attn.v_proj.weight"] = torch.einsum("ji,hjc->hic", Pv, W.view(nkv, hd, -1)).reshape(nkv * hd, -1)
+    if a.v_proj.bias is not None:
+        out["self_attn.v_proj.bias"] = (a.v_proj.bias.to(W.dtype).view(nkv, hd) @ Pv).reshape(-1)
+    if quantize:
+        out = {k: fq.quant_weight(W, cfg.w_bits) if k.endswith(".weight") else W for k, W in out.items()}
     return out
 
 
