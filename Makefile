@@ -34,12 +34,13 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # Kernels: the venv's own "python3" kernel spec comes first, whatever the user has installed.
 export JUPYTER_PATH := $(abspath $(VENV))/share/jupyter$(if $(JUPYTER_PATH),:$(JUPYTER_PATH))
 
-.PHONY: help setup book test unit lint bench lab clean distclean
+.PHONY: help setup book test unit fuzz lint bench lab clean distclean
 
 help:
 	@echo "make book    build the book into _build/html (STUDY_SIZE=$(STUDY_SIZE); STUDY_SIZE=full for headline numbers)"
 	@echo "make test    unit tests + every notebook (pytest)"
 	@echo "make unit    unit tests only (no notebooks)"
+	@echo "make fuzz    unit tests with fresh random hypothesis draws (make test draws the same ones everywhere)"
 	@echo "make lint    ruff check stamp_lib tests .ci"
 	@echo "make bench   python -m stamp_lib bench"
 	@echo "make lab     JupyterLab with jupytext: open notebooks/*.md as notebooks"
@@ -80,6 +81,9 @@ test: setup
 
 unit: $(STAMP)
 	$(PYTEST) tests -m "not notebook"
+
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=explore $(PYTEST) tests -m "not notebook"
 
 lint: $(STAMP)
 	$(BIN)/ruff check stamp_lib tests .ci

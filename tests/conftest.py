@@ -6,6 +6,12 @@
 * ``JUPYTER_PATH`` starts with this interpreter's ``share/jupyter``, so the kernel named
   ``python3`` in the notebooks is this venv's ipykernel even if the user installed another one.
 
+Hypothesis runs derandomized (profile ``deterministic``): ``make test`` draws the same examples on
+every machine, so a clean clone passes or fails the same way (a random draw once failed CI on an
+input nobody had tried). ``make fuzz`` (profile ``explore``: fresh random draws each run) searches
+for new counterexamples; one it finds is printed with its ``@reproduce_failure`` blob, to be
+pinned as an explicit test.
+
 Under pytest-xdist (``make test`` runs ``pytest -n 2 --dist loadfile --no-loadscope-reorder``)
 each test file runs on one worker. Every test that executes a notebook (marker ``notebook``) lives
 in ``tests/test_notebooks.py`` (checked at collection), which is moved to the front: one worker
@@ -36,6 +42,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("deterministic", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 NOTEBOOK_TESTS = "test_notebooks.py"
 
