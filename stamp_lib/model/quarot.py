@@ -37,10 +37,12 @@ Mistral; pre-norm RMSNorm :math:`y = w \odot n(x)`), the fused variant, as publi
 Gemma-3 (sandwich norms: ``post_attention_layernorm`` and ``post_feedforward_layernorm`` sit between
 o_proj / down_proj and the residual, :math:`y = (1 + w) \odot n(x)`): the residual rotation cannot be
 fused (a post-norm with a non-unit weight does not commute with Q, and its output is added to the
-residual). The variant here fuses only the pre-norms (``input_layernorm`` -> q/k/v,
-``pre_feedforward_layernorm`` -> gate/up; their w set to 0 so that 1 + w = 1), rotates every linear
-layer's input online by :math:`D H/\sqrt n` (per-linear, signs from ``seed``, lm_head included) and
-keeps steps 4 and 5. Its label says so.
+residual). The variant here keeps every norm as it is (nothing needs fusing without a residual
+rotation), rotates every linear layer's input online by :math:`D H/\sqrt n` (per-linear, signs from
+``seed``, lm_head included) and keeps steps 4 and 5. Its label says so. (Fusing the pre-norms
+anyway, as a first version did, is exact in full precision but ruins 4-bit weights: Gemma-3's
+:math:`1 + w` scales reach about 100 with others near 0, and a weight row scaled that unevenly
+loses its small columns to the rounding step of its large ones.)
 
 What is exact and what is not: every step is an identity of the full-precision network in exact
 arithmetic; in floating point the rotated network differs by rounding (the norms of transformers
@@ -283,9 +285,8 @@ def quarot_plan(model: nn.Module, seed: int = 0) -> QuaRotPlan:
         W = W.detach().double()
         return W if Q is None else Q.forward(W.T).T
 
-    def pre_scale(norm):
-        w = norm.weight.detach().double()
-        return w + 1 if gemma else w
+    def pre_scale(norm):  # the scale fused into the readers (Llama-style only: see the module docstring)
+        return None if gemma else norm.weight.detach().double()
 
     if Q is not None:
         put("embed_tokens", "weight", Q.forward(dec.embed_tokens.weight.detach().double()), dec.embed_tokens.weight)
@@ -294,7 +295,7 @@ def quarot_plan(model: nn.Module, seed: int = 0) -> QuaRotPlan:
         a, mlp = layer.self_attn, layer.mlp
         g_attn = pre_scale(layer.input_layernorm)
         g_mlp = pre_scale(getattr(layer, pre_norms[1]))
-        for n in ("q_proj", "k_proj"):
+        for n in () if gemma else ("q_proj", "k_proj"):
             put(f"{base}.self_attn.{n}", "weight", read(getattr(a, n).weight, g_attn), getattr(a, n).weight)
         # values: rows of each KV head rotated, v_h -> v_h H (rows R^T W_h, bias b_h R)
         Wv = read(a.v_proj.weight, g_attn)
@@ -307,16 +308,17 @@ def quarot_plan(model: nn.Module, seed: int = 0) -> QuaRotPlan:
         Wo = write(a.o_proj.weight)
         Wo = (Wo.view(Wo.shape[0], nq, hd) @ Rh).reshape(Wo.shape[0], nq * hd)
         put(f"{base}.self_attn.o_proj", "weight", Wo, a.o_proj.weight)
-        for n in ("gate_proj", "up_proj"):
+        for n in () if gemma else ("gate_proj", "up_proj"):
             put(f"{base}.mlp.{n}", "weight", read(getattr(mlp, n).weight, g_mlp), getattr(mlp, n).weight)
         if Q is not None:
             put(f"{base}.mlp.down_proj", "weight", write(mlp.down_proj.weight), mlp.down_proj.weight)
             for lin, n in ((a.o_proj, "self_attn.o_proj"), (mlp.down_proj, "mlp.down_proj")):
                 if lin.bias is not None:
                     put(f"{base}.{n}", "bias", Q.forward(lin.bias.detach().double()), lin.bias)
-        for n in pre_norms:
-            w = getattr(layer, n).weight
-            put(f"{base}.{n}", "weight", torch.zeros_like(w) if gemma else torch.ones_like(w), w)
+        if not gemma:
+            for n in pre_norms:
+                w = getattr(layer, n).weight
+                put(f"{base}.{n}", "weight", torch.ones_like(w), w)
     if Q is not None:
         put("norm", "weight", torch.ones_like(dec.norm.weight), dec.norm.weight)
         if lm_name is not None:
@@ -341,8 +343,9 @@ def quarot_plan(model: nn.Module, seed: int = 0) -> QuaRotPlan:
         o_choice = (f"o_proj's input gets the per-linear rotation D H_{nq * hd} (which also mixes the heads), "
                     f"on top of the head-wise H_{hd} of step 4")
         plan.description = (
-            f"{GEMMA3_LABEL}: pre-norms (input_layernorm, pre_feedforward_layernorm) fused into q/k/v and gate/up "
-            f"(1 + w set to 1); post-norms kept; every linear input (q/k/v/o, gate/up/down, lm_head) rotated online "
+            f"{GEMMA3_LABEL}: every norm kept as it is (no residual rotation, so nothing to fuse; the pre-norm "
+            f"scales 1 + w are not fused into the weights, which would spread them unevenly over 4-bit rows); every "
+            f"linear input (q/k/v/o, gate/up/down, lm_head) rotated online "
             f"by D H_n/sqrt(n) with random signs from seed {seed}; values rotated per KV head by H_{hd} (v_proj rows), "
             f"undone in o_proj's columns; {o_choice}; queries and keys rotated by H_{hd} after RoPE, before the K/V "
             f"quantizer.")
