@@ -325,3 +325,22 @@ def test_restored_after_an_exception_inside():
             raise RuntimeError("boom")
     assert_restored(model, snap)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_gemma3_variant_keeps_4bit_weights_usable():
+    """Exact in full precision is not enough: an earlier Gemma-3 variant fused the pre-norm scales
+    1 + w (up to ~100 on Gemma-3-270M, some near 0) into q/k/v and gate/up, exact but ruinous for
+    4-bit weight rows (W4A16: 32 nats per token against RTN's 4.3 on a 256-token window). Weights-only
+    W4 under the variant must stay near RTN's on real text. (Tiny random configs with uneven norm
+    scales do not show the effect: it needs the real model's weights.)"""
+    from stamp_lib.zoo import models, text
+
+    model, tok = models.load_gemma3_270m()
+    ev = text.token_windows(tok, text.wiki_split()[1], 128, 1)
+    w4 = Rule("model.layers.*", weight=WeightQuant(4))
+    nll = {}
+    for name, r in (("rtn", Recipe((w4,))), ("quarot", Recipe((w4,), network="quarot", network_seed=0))):
+        with recipe.apply(model, r, recipe.prepare(model, r, progress=False)):
+            nll[name] = float(models.window_nll(model, ev, progress=False).mean())
+    print(f"Gemma-3-270M, 128 tokens, W4 RTN weights: NLL {nll}")
+    assert nll["quarot"] < nll["rtn"] + 0.5
