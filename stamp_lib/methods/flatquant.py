@@ -134,6 +134,11 @@ class KronAffine(nn.Module):
             x = x * self.diag.to(x.dtype)
         return _kron_right(x, [M.to(x.dtype) for M in self.mats("forward")])
 
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        r""":math:`(y P^{-1}) / s`, differentiable."""
+        x = _kron_right(y, [M.to(y.dtype) for M in self.mats("inverse")])
+        return x if self.diag is None else x / self.diag.to(y.dtype)
+
     def fold_weight(self, W: torch.Tensor) -> torch.Tensor:
         r""":math:`(W / s)\,P^{-\top}` for a weight (out, d)."""
         if self.diag is not None:

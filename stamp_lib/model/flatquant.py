@@ -229,7 +229,7 @@ def _kv_fn(flats: dict, cfg: FlatQuantConfig, quantize: bool):
             y = F.k(x)
             if quantize and cfg.kv_bits is not None:
                 y = fq.quant_act(y, cfg.kv_bits, F.aclip["key"] if "key" in F.aclip else None, symmetric=False)
-            return fq._kron_right(y, [m.to(y.dtype) for m in F.k.mats("inverse")])
+            return F.k.inverse(y)
         if quantize and cfg.kv_bits is not None:
             return fq.quant_act(x, cfg.kv_bits, F.aclip["value"] if "value" in F.aclip else None, symmetric=False)
         return x
