@@ -134,7 +134,8 @@ def _llm_spec(o: dict) -> bool:
     s = o["--seq-len"]
     bits_ok = all(2 <= o[k] <= 16 for k in ("--a-bits", "--w-bits", "--hp-bits")) and (
         o["--kv-bits"] == 0 or 2 <= o["--kv-bits"] <= 16)
-    needs_calib = o["--method"] == "smoothquant" or (o["--method"] != "fp" and o["--weights"] == "gptq")
+    needs_calib = o["--method"] in ("smoothquant", "flatquant") or (o["--method"] != "fp" and o["--weights"] == "gptq")
+    flat_ok = o["--method"] != "flatquant" or (o["--weights"] == "rtn" and o["--calib-windows"] % 4 == 0)
     lv = o["--levels"]
     return (s >= 2 and o["--windows"] >= 1 and o["--calib-windows"] >= 0 and o["--batch-size"] >= 1
             and o["--threads"] >= 0 and bits_ok and 0 <= o["--hp-tokens"] <= s and 0 <= o["--alpha"] <= 1
@@ -143,7 +144,7 @@ def _llm_spec(o: dict) -> bool:
             and not (o["--kv-stamp"] and (o["--method"] == "fp" or o["--stamp"] == "none" or o["--kv-bits"] == 0))
             and _device_ok(o["--device"])
             and not (o["--model"].startswith("gemma") and o["--dtype"] == "float16")
-            and not (needs_calib and o["--calib-windows"] < 1))
+            and not (needs_calib and o["--calib-windows"] < 1) and flat_ok)
 
 
 @SETTINGS

@@ -234,3 +234,91 @@ def test_keys_are_quantized_in_the_learned_basis_and_values_as_they_come():
         torch.testing.assert_close(fn(1, "key", x, 0), expected)
         torch.testing.assert_close(fn(1, "value", x, 0), fq.quant_act(x, 4, F.aclip["value"], symmetric=False))
         assert max_err(fn(1, "key", x, 0), fq.quant_act(x, 4, F.aclip["key"], symmetric=False)) > 1e-3
+
+
+# ----------------------------------------------------------------------------- as a recipe (STaMP on top)
+def _flat_recipe(cfg, bits="4", kv_bits="4", transform="identity"):
+    from stamp_lib.model import recipe as rcp
+
+    act = rcp.ActQuant(bits=bits, transform=transform)
+    kv = rcp.ActQuant(bits=kv_bits) if kv_bits else None
+    return rcp.Recipe((rcp.Rule("model.layers.*", act=act, weight=rcp.WeightQuant(bits=cfg.w_bits)),), kv=kv,
+                      network="flatquant", network_config=cfg)
+
+
+def test_the_recipe_calibrates_and_applies_flatquant_as_published():
+    """Recipe(network='flatquant'): prepare() is calibrate() (the same numbers), apply() with uniform
+    bits is flatquant() as published, the bits spent are counted, and the model is restored."""
+    from stamp_lib.model import recipe as rcp
+
+    m = tiny("llama")
+    snap = snapshot(m)
+    cfg = fm.FlatQuantConfig(epochs=1, batch_size=2)
+    r = _flat_recipe(cfg)
+    assert r.needs_calibration() and r.knobs()["network_config"]["epochs"] == 1
+    prep = rcp.prepare(m, r, CALIB, progress=False)
+    res = fm.calibrate(m, CALIB, cfg)
+    for a, b in zip(prep.plan.layers, res.layers):
+        torch.testing.assert_close(a.ln.frozen().matrix(), b.ln.frozen().matrix())
+    with fm.flatquant(m, res) as st:
+        ref = logits(m)
+    assert st.average_bits("act") == 4.0 and st.average_bits("kv") == 4.0
+    with rcp.apply(m, r, prep) as st:
+        out = logits(m)
+    torch.testing.assert_close(out, ref)
+    assert_restored(m, snap)
+    s = IDS.shape[1]  # two rows at 8 bits of s: 4 + 4 * 2 / s bits per token, linear inputs and K/V
+    with rcp.apply(m, _flat_recipe(cfg, "2x8+4", "2x8+4", "dwt"), prep) as st:
+        q = logits(m)
+    assert st.average_bits("act") == pytest.approx(4 + 8 / s) and st.average_bits("kv") == pytest.approx(4 + 8 / s)
+    assert bool(torch.isfinite(q).all()) and max_err(q, ref) > 1e-4
+    assert_restored(m, snap)
+
+
+def test_stamp_wraps_flatquants_own_quantizer():
+    """With every row at 16 bits and no clipping the sequence transform is undone exactly around
+    FlatQuant's quantizer (DWT, DCT and identity agree to 16-bit rounding); the quantizer of one
+    input is L^-1 Q_flat(L x) with each row at its own bits and FlatQuant's learned clip."""
+    from stamp_lib.core import transforms
+    from stamp_lib.model import recipe as rcp
+
+    m = tiny("llama")
+    cfg16 = fm.FlatQuantConfig(w_bits=16, a_bits=16, kv_bits=16, epochs=0, batch_size=2, lwc=False, lac=False)
+    prep = rcp.prepare(m, _flat_recipe(cfg16, "16", "16"), CALIB, progress=False)
+    outs = {}
+    for tr in ("identity", "dwt", "dct"):
+        with rcp.apply(m, _flat_recipe(cfg16, "16", "16", tr), prep):
+            outs[tr] = logits(m)
+    assert max_err(outs["dwt"], outs["identity"]) < 1e-3 and max_err(outs["dct"], outs["identity"]) < 1e-3
+    # the quantizer of one input: L^-1 Q_flat(L x) with per-row bits
+    F = rcp.prepare(m, _flat_recipe(fm.FlatQuantConfig(epochs=0, batch_size=2)), CALIB, progress=False).plan.layers[0]
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    T = transforms.build("dwt", levels=2)
+    b = torch.tensor([8.0, 8, 4, 4, 4, 4, 4, 4], dtype=torch.float64)
+    got = quant.stamp_fake_quant(x, T, b, quantizer=lambda LX, bb: fq.quant_act(LX, bb, F.aclip["q_proj"]))
+    Lx = T.forward(x)
+    rows = torch.stack([fq.quant_act(Lx[:, i:i + 1], int(b[i]), F.aclip["q_proj"])[:, 0] for i in range(8)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(got, T.inverse(rows))
+    with pytest.raises(ValueError, match="replaces the min-max quantizer"):
+        quant.stamp_fake_quant(x, T, b, quantizer=lambda LX, bb: LX, symmetric=True)
+
+
+def test_flatquant_recipe_errors_name_the_fix():
+    from stamp_lib.model import recipe as rcp
+
+    cfg = fm.FlatQuantConfig(epochs=0, batch_size=2)
+    act = rcp.ActQuant(bits="4")
+    with pytest.raises(ValueError, match="GPTQ pass after calibration is not implemented"):
+        rcp.Recipe((rcp.Rule("*", act=act, weight=rcp.WeightQuant(bits=4, method="gptq")),), kv=act,
+                   network="flatquant", network_config=cfg)
+    with pytest.raises(ValueError, match="needs network_config=FlatQuantConfig"):
+        rcp.Recipe((rcp.Rule("*", act=act, weight=rcp.WeightQuant(bits=4)),), kv=act, network="flatquant")
+    with pytest.raises(ValueError, match="kv_bits=4; make them agree"):
+        rcp.Recipe((rcp.Rule("*", act=act, weight=rcp.WeightQuant(bits=4)),), network="flatquant", network_config=cfg)
+    with pytest.raises(ValueError, match="low bits other than the config's a_bits=4"):
+        rcp.Recipe((rcp.Rule("*", act=rcp.ActQuant(bits="8"), weight=rcp.WeightQuant(bits=4)),), kv=act,
+                   network="flatquant", network_config=cfg)
+    m = tiny("llama")
+    with pytest.raises(ValueError, match="pass calib="):
+        rcp.prepare(m, _flat_recipe(cfg), None, progress=False)

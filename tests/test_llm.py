@@ -102,6 +102,30 @@ def test_table_pairs_columns_on_the_same_windows(tmp_path, tokenizer):
     assert len(sq) == 14 and all(math.isfinite(v) for v in sq.values())
 
 
+def test_cli_runs_flatquant_with_stamp_and_records_its_calibration(tmp_path, tokenizer):
+    """--method flatquant: calibrated on the calibration windows (epochs and batch as given), STaMP
+    (DWT, 16 rows at 8 bits) around FlatQuant's quantizers, every FlatQuant knob in the record; a
+    FlatQuant row in a table is drawn over seeds and calibration blocks."""
+    folder = _save_tiny("gemma3", tmp_path / "g", tokenizer)
+    out = tmp_path / "res.json"
+    res = llm.main(["--model", str(folder), "--method", "flatquant", "--stamp", "dwt", "--seq-len", "64",
+                    "--windows", "2", "--calib-windows", "2", "--fq-epochs", "1", "--fq-batch-size", "1",
+                    "--hp-tokens", "8", "--out", str(out), "--no-progress", "--cells", str(tmp_path / "cells")])
+    cfg = res["recipe"]["network_config"]
+    assert res["recipe"]["network"] == "flatquant" and cfg["epochs"] == 1 and cfg["batch_size"] == 1
+    assert cfg["a_bits"] == 4 and cfg["kv_bits"] == 4 and res["calib_windows"] == 2
+    assert math.isfinite(res["eval"]["ppl"]) and res["eval"]["act_bits_spent"] == pytest.approx(4 + 4 * 8 / 64)
+    assert "--fq-epochs 1 " in res["command"] and "--method flatquant " in res["command"]
+    model, tok = llm.load(str(folder))
+    ev, cal = llm.eval_data(tok, 32, 2, 4)
+    t = llm.run_table(model, ev, cal, rows=(("flatquant", "rtn"),), columns=("uniform", "none", "dwt"), draws=2,
+                      hp_tokens=4, progress=False, store=False, flatquant=dict(epochs=1, batch_size=1))
+    fqr = t.cells[("flatquant", "rtn")]
+    assert [len(fqr[c]) for c in ("uniform", "none", "dwt")] == [1, 2, 2]
+    assert not torch.equal(fqr["none"][0].nll, fqr["none"][1].nll)  # another seed and calibration block
+    assert llm.row_randomness("flatquant", "rtn") == ("seed", "calibration")
+
+
 def test_table_draws_calibration_and_pairs_on_draw_and_window(tmp_path, tokenizer):
     """A row with randomness is evaluated once per draw (draw k: the k-th block of calibration
     windows); a row without any, and the single-draw columns, once; comparisons pair (draw, window)."""

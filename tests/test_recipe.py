@@ -463,14 +463,14 @@ def test_positions_are_read_without_host_syncs_where_possible():
             return torch.tensor(5)
 
     on_device = torch.arange(3, device="meta") + 7
-    assert recipe._offset_from((), {"cache_position": on_device, "cache": HostLength()}) == 7
-    assert recipe._offset_from((), {"cache_position": on_device, "past_key_values": HostLength()}) == 7
-    assert recipe._offset_from((), {"cache_position": on_device}, need=False) == 0
-    assert recipe._offset_from((), {"cache_position": torch.arange(5, 9), "cache": HostLength()}) == 5
-    assert recipe._offset_from((), {"cache": DeviceLength()}) == 5
-    assert recipe._offset_from((), {}) == 0
+    assert recipe.offset_of((), {"cache_position": on_device, "cache": HostLength()}) == 7
+    assert recipe.offset_of((), {"cache_position": on_device, "past_key_values": HostLength()}) == 7
+    assert recipe.offset_of((), {"cache_position": on_device}, need=False) == 0
+    assert recipe.offset_of((), {"cache_position": torch.arange(5, 9), "cache": HostLength()}) == 5
+    assert recipe.offset_of((), {"cache": DeviceLength()}) == 5
+    assert recipe.offset_of((), {}) == 0
     with pytest.raises(RuntimeError, match="meta"):  # the one case that must read the device back
-        recipe._offset_from((), {"cache_position": on_device})
+        recipe.offset_of((), {"cache_position": on_device})
     assert recipe.Applied(Recipe(Rule("*", act=ActQuant(bits=4)))).hp_max == 0
     assert recipe.Applied(Recipe(Rule("*", act=ActQuant(bits="16x8+4")))).hp_max == 16
 

@@ -215,7 +215,7 @@ def fake_quant_rows(X: torch.Tensor, bits, **kw) -> torch.Tensor:
 
 def stamp_fake_quant(X: torch.Tensor, T, bits, *, feature=None, undo_feature: bool = True,
                      LX: torch.Tensor | None = None, validate: bool = True, overwrite: bool = False,
-                     **quant_kw) -> torch.Tensor:
+                     quantizer=None, **quant_kw) -> torch.Tensor:
     r"""The STaMP operator, the one implementation every caller uses:
 
     .. math::  \hat X = L^{-1}\, Q_b(L\, X R)\, R^{-1}
@@ -233,8 +233,23 @@ def stamp_fake_quant(X: torch.Tensor, T, bits, *, feature=None, undo_feature: bo
         overwrite: with ``validate=False`` and no ``feature``: ``X`` is the caller's scratch and may
             be overwritten (the result may then share its memory); the per-call path passes a
             freshly rotated input this way, so that no further tensor-sized buffer is needed.
+        quantizer: ``None`` (the per-row min-max quantizer below, with ``quant_kw``) or a method's own
+            per-row quantizer ``quantizer(LX, b) -> Q`` (e.g. FlatQuant's, with its learned clipping),
+            ``b`` the per-row bits as a float tensor (s, 1); it must not modify ``LX``.
         quant_kw: ``symmetric``, ``clip_ratio``, ``block_size``, ``round_zero_point``.
     """
+    if quantizer is not None:
+        if quant_kw:
+            raise ValueError(f"stamp_fake_quant: quantizer= replaces the min-max quantizer; drop {sorted(quant_kw)}")
+        if validate:
+            _check_quant_args(X, 1.0, None)
+            bits = _row_bits(bits, X)
+        if LX is None:
+            Y = X if feature is None else feature.forward(X)
+            LX = Y if T is None else T.forward(Y)
+        out = quantizer(LX, bits.reshape(-1, 1))
+        out = out if T is None else T.inverse(out)
+        return feature.inverse(out) if feature is not None and undo_feature else out
     overwrite = overwrite and not validate and feature is None and LX is None
     own_lx = False  # whether LX is a tensor of ours (then the quantizer may work in its memory)
     if LX is None:

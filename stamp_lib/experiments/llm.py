@@ -16,6 +16,12 @@ MLP projection (``model.layers.*``; the embeddings and ``lm_head`` stay in full 
                 on Q / K after RoPE; the rotated weights quantized (RTN or GPTQ). Where the
                 architecture forbids fusing the residual rotation (Gemma-3's post-norms), every
                 linear's input is rotated online instead, and the plan says so.
+``flatquant``   FlatQuant (Sun et al., 2025; :mod:`stamp_lib.model.flatquant`): learnable Kronecker
+                affine transforms, per-channel scales and clipping, calibrated block by block on
+                the calibration windows (``flatquant=dict(epochs=..., batch_size=...)``; seed
+                ``hadamard_seed`` for their random start); its own quantizers (symmetric per-token
+                activations, asymmetric K/V, learned clipping), RTN weights with learned clipping.
+                With STaMP the sequence transform and the per-row bits wrap FlatQuant's quantizer.
 ``hadamard``    the per-linear variant: an online Hadamard (random signs from ``hadamard_seed``)
                 on every linear layer's input, folded into that layer's weight before it is
                 quantized. It quantizes the same kind of rotated activations, but is not QuaRot's
@@ -81,6 +87,7 @@ from ..core.io import results_dir, write_json
 from ..methods import FEATURE_OF
 from ..methods import LLM_BASELINES as METHODS
 from ..model import recipe as rcp
+from ..model.flatquant import FlatQuantConfig
 from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
 from ..zoo import models, text
 from . import cli
@@ -94,20 +101,22 @@ LINEARS = "model.layers.*"
 def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, levels: int | None = None,
                seq_len: int = 2048, a_bits: int = 4, w_bits: int = 4, kv_bits: int | None = 4, hp_tokens: int = 64,
                hp_bits: int = 8, kv_stamp: bool = False, alpha: float = 0.5, hadamard_seed: int | None = 0,
-               patterns=LINEARS) -> Recipe:
+               patterns=LINEARS, flatquant: dict | None = None) -> Recipe:
     """The recipe of one Table 2 cell (see the module docstring). ``stamp``: ``None``/``"none"``
     (bit-matched baseline) or a sequence transform; ``hp_tokens=0``: uniform ``a_bits`` (and
     ``kv_bits``) on every token, no high-precision rows; ``kv_bits=None`` leaves K/V in full
     precision. ``levels`` (Haar): default :func:`stamp_lib.core.transforms.haar_levels` of
     ``seq_len`` (the approximation band is the high-precision rows). ``hadamard_seed``: the random
     signs of QuaRot's residual rotation (``quarot``) or of the per-linear rotations (``hadamard``);
-    ``None``: a plain Hadamard."""
+    ``None``: a plain Hadamard; for ``flatquant`` the seed of its transforms' random start.
+    ``flatquant``: :class:`~stamp_lib.model.flatquant.FlatQuantConfig` options (``epochs``,
+    ``batch_size``, ``lr``, ``alpha``, ``lwc``, ``lac``); the published ones by default."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     stamp = None if stamp in (None, "none", "identity") else stamp
     if stamp is not None and stamp not in STAMPS:
         raise ValueError(f"unknown STaMP transform {stamp!r}; choose one of {STAMPS}")
-    seeded = method in ("quarot", "hadamard")
+    seeded = method in ("quarot", "hadamard", "flatquant")
     name = (f"{method}" + ("" if method == "fp" else f"/{weights}")
             + (f"-seed{hadamard_seed}" if seeded and hadamard_seed is not None else "")
             + ("/uniform" if method != "fp" and not hp_tokens else "") + (f"+stamp-{stamp}" if stamp else ""))
@@ -128,6 +137,11 @@ def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, l
     if method == "quarot":
         rule = Rule(patterns, act=act, weight=weight)
         return Recipe((rule,), kv=kv, name=name, network="quarot", network_seed=hadamard_seed)
+    if method == "flatquant":
+        cfg = FlatQuantConfig(w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits, seed=hadamard_seed or 0,
+                              **(flatquant or {}))
+        return Recipe((Rule(patterns, act=act, weight=weight),), kv=kv, name=name, network="flatquant",
+                      network_config=cfg)
     rule = Rule(patterns, act=act, weight=weight, feature=FEATURE_OF[method], alpha=alpha,
                 hadamard_seed=hadamard_seed if method == "hadamard" else None)
     return Recipe((rule,), kv=kv, name=name)
@@ -242,25 +256,26 @@ def paired(base: Eval, other: Eval) -> dict:
     return paired_nll(base.nll[None], other.nll[None])
 
 
-ROWS = (("rtn", "rtn"), ("smoothquant", "rtn"), ("quarot", "rtn"), ("quarot", "gptq"))
+ROWS = (("rtn", "rtn"), ("smoothquant", "rtn"), ("quarot", "rtn"), ("quarot", "gptq"), ("flatquant", "rtn"))
 #: uniform A4 (4.0 bits), the bit-matched baseline (64x8+4, no transform), STaMP with the Haar DWT / the DCT
 COLUMNS = ("uniform", "none", "dwt", "dct")
 
 
 def row_randomness(method: str, weights: str) -> tuple[str, ...]:
     """What is random in a row's preparation: ``"seed"`` (QuaRot's and the per-linear Hadamard's
-    random signs) and ``"calibration"`` (SmoothQuant's scales, GPTQ's Hessians); ``()``: nothing,
+    random signs, FlatQuant's random start) and ``"calibration"`` (SmoothQuant's scales, GPTQ's
+    Hessians, FlatQuant's training windows); ``()``: nothing,
     one draw is the whole row."""
     r = ()
-    if method in ("quarot", "hadamard"):
+    if method in ("quarot", "hadamard", "flatquant"):
         r += ("seed",)
-    if method == "smoothquant" or weights == "gptq":
+    if method in ("smoothquant", "flatquant") or weights == "gptq":
         r += ("calibration",)
     return r
 
 
 # The paper's Table 2 (W4A4KV4, WikiText-2 perplexity, 2048-token windows; without -> with STaMP),
-# (Federici et al., arXiv 2510.26771, Table 2). FlatQuant (learned transforms) is not reproduced here yet.
+# (Federici et al., arXiv 2510.26771, Table 2).
 PAPER_MODELS = ("Llama-3-8B", "Llama-3.2-1B-it", "Llama-3.2-3B-it", "Qwen-2.5-3B-it")
 PAPER_TABLE2 = {
     "fp": (6.14, 13.16, 11.27, 8.56),
@@ -300,12 +315,14 @@ class Table:
     (one per draw of the row's randomness, :func:`row_randomness`; one for a row without any and
     for the ``single_draw`` columns), all on the same windows; ``knobs`` holds the shared settings;
     ``counts`` how many cells this run computed and how many it reused from a store (``{}``
-    without one)."""
+    without one); ``prep_seconds[(method, weights)]`` the wall time of each preparation this run
+    computed (calibration, GPTQ, FlatQuant's training; none for a row read from a store)."""
 
     fp: Eval
     cells: dict
     knobs: dict
     counts: dict = field(default_factory=dict)
+    prep_seconds: dict = field(default_factory=dict)
 
     def nll(self, row, column: str, draws: int | None = None) -> torch.Tensor:
         """(draws, windows) per-window NLL of one cell (the first ``draws`` draws)."""
@@ -333,6 +350,7 @@ class Table:
             return {"nll": e.nll.tolist(), "act_bits": e.act_bits, "kv_bits": e.kv_bits, "recipe": e.knobs.get("name")}
 
         return {"fp": ev(self.fp), "knobs": self.knobs,
+                "prep_seconds": [{"row": list(row), "seconds": v} for row, v in self.prep_seconds.items()],
                 "cells": [{"row": list(row), "column": col, "draws": [ev(e) for e in es]}
                           for row, cols in self.cells.items() for col, es in cols.items()]}
 
@@ -345,7 +363,8 @@ class Table:
         cells: dict = {}
         for c in d["cells"]:
             cells.setdefault(tuple(c["row"]), {})[c["column"]] = [ev(v) for v in c["draws"]]
-        return cls(fp=ev(d["fp"]), cells=cells, knobs=d.get("knobs", {}))
+        return cls(fp=ev(d["fp"]), cells=cells, knobs=d.get("knobs", {}),
+                   prep_seconds={tuple(p["row"]): p["seconds"] for p in d.get("prep_seconds", [])})
 
 
 def _level(x: torch.Tensor) -> dict:
@@ -406,7 +425,7 @@ def run_table(model, eval_windows: torch.Tensor, calib_windows: torch.Tensor | N
         return out
 
     fp = cell(llm_recipe("fp"), None, lambda: None, 1)
-    cells = {}
+    cells, prep_seconds = {}, {}
     plan = []
     for row in rows:
         nd = draws if row_randomness(*row) else 1
@@ -420,9 +439,11 @@ def run_table(model, eval_windows: torch.Tensor, calib_windows: torch.Tensor | N
         base = llm_recipe(method, weights=weights, **kw)
         prep = []
 
-        def prepared(base=base, prep=prep, calib=calib):
+        def prepared(base=base, prep=prep, calib=calib, row=row):
             if not prep:  # the row's preparation, only when one of its cells is computed
+                t0 = time.perf_counter()
                 prep.append(rcp.prepare(model, base, calib if base.needs_calibration() else None, progress=False))
+                prep_seconds.setdefault(row, []).append(round(time.perf_counter() - t0, 2))
             return prep[0]
 
         for col in cols:
@@ -437,7 +458,7 @@ def run_table(model, eval_windows: torch.Tensor, calib_windows: torch.Tensor | N
              "recipe_example": llm_recipe(rows[0][0], weights=rows[0][1], **{**recipe_kw, "stamp": "dwt"}).knobs(),
              **{k: v for k, v in recipe_kw.items()}}
     counts = store.since(before) if store is not None else {}
-    return Table(fp=fp, cells=cells, knobs=knobs, counts=counts)
+    return Table(fp=fp, cells=cells, knobs=knobs, counts=counts, prep_seconds=prep_seconds)
 
 
 @torch.no_grad()
@@ -502,11 +523,17 @@ def _parser() -> argparse.ArgumentParser:
                         "and, unless --hadamard-seed is given, Hadamard seed k")
     p.add_argument("--hadamard-seed", type=int, default=None,
                    help="random signs of QuaRot's residual rotation (--method quarot) or of the per-linear rotations "
-                        "(--method hadamard); default: the --draw")
+                        "(--method hadamard), random start of FlatQuant's transforms (--method flatquant); "
+                        "default: the --draw")
+    p.add_argument("--fq-epochs", type=int, default=15,
+                   help="--method flatquant: calibration epochs per decoder layer (published: 15)")
+    p.add_argument("--fq-batch-size", type=int, default=4,
+                   help="--method flatquant: calibration windows per step; --calib-windows must be a multiple "
+                        "(published: 4, with 128 windows)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per window, >= 2")
     p.add_argument("--windows", type=int, default=8, help="evaluation windows, >= 1")
     p.add_argument("--calib-windows", type=int, default=8,
-                   help="calibration windows (SmoothQuant, GPTQ need >= 1; unused by the other methods)")
+                   help="calibration windows (SmoothQuant, GPTQ, FlatQuant need >= 1; unused by the other methods)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cpu)")
     p.add_argument("--device-map", default=None, help='e.g. "auto" for a large checkpoint on GPUs (needs accelerate)')
@@ -562,9 +589,19 @@ def validate(a: argparse.Namespace) -> None:
     cli.whole(a.draw, "--draw", "the draw index", lo=0)
     if a.hadamard_seed is not None:
         cli.whole(a.hadamard_seed, "--hadamard-seed", "the Hadamard seed", lo=0)
-        if a.method not in ("quarot", "hadamard"):
-            raise cli.BadInput(f"--hadamard-seed {a.hadamard_seed}", f"--method {a.method} has no Hadamard rotation; "
-                                                                     "drop it or pass --method quarot|hadamard")
+        if a.method not in ("quarot", "hadamard", "flatquant"):
+            raise cli.BadInput(f"--hadamard-seed {a.hadamard_seed}", f"--method {a.method} has no random rotation; "
+                                                                     "drop it or pass --method quarot|hadamard|flatquant")
+    cli.whole(a.fq_epochs, "--fq-epochs", "FlatQuant's epochs", lo=0)
+    cli.whole(a.fq_batch_size, "--fq-batch-size", "FlatQuant's calibration windows per step")
+    if a.method == "flatquant":
+        if a.weights != "rtn":
+            raise cli.BadInput(f"--method flatquant --weights {a.weights}", "FlatQuant quantizes its weights itself "
+                                                                           "(RTN with learned clipping; its GPTQ pass "
+                                                                           "is not implemented here): pass --weights rtn")
+        if a.calib_windows % a.fq_batch_size:
+            raise cli.BadInput(f"--calib-windows {a.calib_windows} --fq-batch-size {a.fq_batch_size}",
+                               "FlatQuant trains on whole batches: make --calib-windows a multiple of --fq-batch-size")
     cli.whole(a.hp_tokens, "--hp-tokens", "high-precision tokens", lo=0, hi=a.seq_len,
               hint=f" (at most the --seq-len {a.seq_len} tokens of a window)")
     cli.fraction(a.alpha, "--alpha", "the SmoothQuant migration strength")
@@ -597,7 +634,7 @@ def validate(a: argparse.Namespace) -> None:
                                                  "missing) or drop --cells for data/cache/cells/llm")
     r = _cli_recipe(a)
     if r.needs_calibration() and a.calib_windows < 1:
-        need = "SmoothQuant scales" if a.method == "smoothquant" else "GPTQ"
+        need = {"smoothquant": "SmoothQuant scales", "flatquant": "FlatQuant's training"}.get(a.method, "GPTQ")
         raise cli.BadInput(f"--calib-windows {a.calib_windows}", f"--method {a.method} --weights {a.weights} needs "
                                                                  f"calibration windows ({need}); "
                                                                  "pass --calib-windows 1 or more")
@@ -611,7 +648,8 @@ def _cli_recipe(a) -> Recipe:
     try:
         return llm_recipe(a.method, weights=a.weights, stamp=a.stamp, levels=a.levels, seq_len=a.seq_len,
                           a_bits=a.a_bits, w_bits=a.w_bits, kv_bits=a.kv_bits or None, hp_tokens=a.hp_tokens,
-                          hp_bits=a.hp_bits, kv_stamp=a.kv_stamp, alpha=a.alpha, hadamard_seed=_seed(a))
+                          hp_bits=a.hp_bits, kv_stamp=a.kv_stamp, alpha=a.alpha, hadamard_seed=_seed(a),
+                          flatquant=dict(epochs=a.fq_epochs, batch_size=a.fq_batch_size))
     except ValueError as e:  # pragma: no cover - validate() checks every knob first
         raise cli.BadInput("arguments", str(e)) from None
 
@@ -698,7 +736,7 @@ def main(argv=None) -> dict:
            "calib_windows": n_cal, "dtype": a.dtype,
            "applied": {"levels": levels, "max_levels": transforms.max_levels_1d(a.seq_len),
                        "act_bits_spent": res.act_bits, "kv_bits_spent": res.kv_bits, **facts},
-           "seeds_drawn": {"hadamard_seed": _seed(a) if a.method in ("quarot", "hadamard") else None,
+           "seeds_drawn": {"hadamard_seed": _seed(a) if a.method in ("quarot", "hadamard", "flatquant") else None,
                            "draw": a.draw},
            "windows_drawn": f"the first {a.windows} windows of the evaluation split; calibration: windows "
                             f"{a.draw * n_cal}..{(a.draw + 1) * n_cal - 1} of the calibration split",

@@ -250,18 +250,22 @@ def _ranges(x: torch.Tensor, clip: ClipFactors | None) -> tuple[torch.Tensor, to
     return hi, lo
 
 
-def _quant(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+def _quant(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, bits, symmetric: bool) -> torch.Tensor:
+    """``bits``: an int, or a float tensor broadcastable against the ranges (per-row bits)."""
+    def t(v):
+        return torch.as_tensor(v, dtype=x.dtype, device=x.device)
+
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
+        qmax = t(2 ** (bits - 1) - 1)
         amax = torch.maximum(hi, -lo)
         scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
         return torch.clamp(ste_round(x / scale), -qmax - 1, qmax) * scale
-    levels = 2 ** bits - 1
+    levels = t(2 ** bits - 1)
     flat = (hi == 0) & (lo == 0)
     hi, lo = torch.where(flat, torch.ones_like(hi), hi), torch.where(flat, -torch.ones_like(lo), lo)
     scale = (hi - lo) / levels
     zero = torch.round(-lo / scale)
-    return (torch.clamp(ste_round(x / scale) + zero, 0, levels) - zero) * scale
+    return (torch.clamp(ste_round(x / scale) + zero, torch.zeros_like(levels), levels) - zero) * scale
 
 
 def clip_weight(W: torch.Tensor, clip: ClipFactors) -> torch.Tensor:
@@ -279,9 +283,11 @@ def quant_weight(W: torch.Tensor, bits: int, clip: ClipFactors | None = None, sy
     return _quant(W, hi, lo, bits, symmetric)
 
 
-def quant_act(x: torch.Tensor, bits: int, clip: ClipFactors | None = None, symmetric: bool = True) -> torch.Tensor:
+def quant_act(x: torch.Tensor, bits, clip: ClipFactors | None = None, symmetric: bool = True) -> torch.Tensor:
     """FlatQuant's activation quantizer: per token (row over the last dim), the range clipped by
-    the learnable ratios (LAC), values outside it clamped by the grid, straight-through."""
+    the learnable ratios (LAC), values outside it clamped by the grid, straight-through. ``bits``:
+    an int, or per-row bits as a float tensor (s, 1) for x (..., s, d) (STaMP's two-level rows,
+    through :func:`stamp_lib.core.quant.stamp_fake_quant`'s ``quantizer``)."""
     hi, lo = _ranges(x, clip)
     return _quant(x, hi, lo, bits, symmetric)
 

@@ -52,9 +52,11 @@ from ..methods import flatquant as fq
 from . import hooks, kv
 from .quarot import QuaRotPlan, _find_decoder, rotated
 
-__all__ = ["FlatQuantConfig", "LayerFlat", "FlatQuantResult", "calibrate", "flatquant", "LABEL"]
+__all__ = ["FlatQuantConfig", "LayerFlat", "FlatQuantResult", "calibrate", "flatquant", "LABEL", "PUBLISHED_WINDOWS"]
 
 LABEL = "FlatQuant"
+#: calibration windows of the published W4A4KV4 scripts (2048 tokens of WikiText-2 each)
+PUBLISHED_WINDOWS = 128
 SUPPORTED = ("decoders whose layers have self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj linears: Llama, "
              "Qwen2, Mistral, Gemma-3 (every transform sits on a linear's input, so the norms, pre or sandwich, "
              "are not touched)",)
@@ -200,9 +202,31 @@ def _layer_weights(layer: nn.Module, F: LayerFlat, dims: dict, cfg: FlatQuantCon
     return out
 
 
-def _online(F: LayerFlat, dims: dict, cfg: FlatQuantConfig, quantize: bool):
+def _act_quantizer(F: LayerFlat, cfg: FlatQuantConfig, state=None):
+    """``q(name, y, symmetric) -> y_hat``: FlatQuant's quantizer of a transformed linear input or
+    key/value (``name`` a linear's short name, ``"key"`` or ``"value"``; its learned clip, LAC).
+    ``state`` (an :class:`~stamp_lib.model.recipe.Applied` of a recipe with an ``act`` rule and a
+    ``kv`` setting): the same quantizer, but through the STaMP operator with the state's bit
+    specification and sequence transform per row (:func:`stamp_lib.core.quant.stamp_fake_quant`
+    with ``quantizer=``), the bits counted per layer; ``None``: uniform ``a_bits`` / ``kv_bits``."""
+
+    def q(name, y, symmetric, tag, offset=None):
+        clip = F.aclip[name] if name in F.aclip else None
+        if state is None:
+            return fq.quant_act(y, cfg.a_bits if symmetric else cfg.kv_bits, clip, symmetric=symmetric)
+        spec = state.recipe.rules[0].act if symmetric else state.recipe.kv
+        out, tok, bits = state.quantize(spec, y, state.offset if offset is None else offset,
+                                        quantizer=lambda LX, b: fq.quant_act(LX, b, clip, symmetric=symmetric))
+        state.count(tag, tok, bits)
+        return out
+
+    return q
+
+
+def _online(F: LayerFlat, dims: dict, cfg: FlatQuantConfig, quantize: bool, layer_idx: int = 0, state=None):
     """The input map of each linear of a layer: its transform, then (``quantize``) its quantizer."""
     hd, nq = dims["head_dim"], dims["num_heads"]
+    q = _act_quantizer(F, cfg, state)
 
     def heads(x):  # x (..., nq * hd): mix the heads by P_o
         y = F.o(x.unflatten(-1, (nq, hd)).transpose(-1, -2))
@@ -213,42 +237,40 @@ def _online(F: LayerFlat, dims: dict, cfg: FlatQuantConfig, quantize: bool):
 
     def fn(short, x):
         y = maps[short](x)
-        if quantize:
-            y = fq.quant_act(y, cfg.a_bits, F.aclip[short] if short in F.aclip else None)
-        return y
+        return q(short, y, True, f"{layer_idx}.{short}") if quantize else y
 
     return fn
 
 
-def _kv_fn(flats: dict, cfg: FlatQuantConfig, quantize: bool):
+def _kv_fn(flats: dict, cfg: FlatQuantConfig, quantize: bool, state=None):
     """The K/V hook: keys k -> Q(k P_k) P_k^{-1}, values Q(v) (already in the P_v basis)."""
+    quantize = quantize and cfg.kv_bits is not None
+    qs = {i: _act_quantizer(F, cfg, state) for i, F in flats.items()}
 
     def fn(layer_idx, kind, x, offset):
-        F = flats[layer_idx]
         if kind == "key":
+            F = flats[layer_idx]
             y = F.k(x)
-            if quantize and cfg.kv_bits is not None:
-                y = fq.quant_act(y, cfg.kv_bits, F.aclip["key"] if "key" in F.aclip else None, symmetric=False)
-            return F.k.inverse(y)
-        if quantize and cfg.kv_bits is not None:
-            return fq.quant_act(x, cfg.kv_bits, F.aclip["value"] if "value" in F.aclip else None, symmetric=False)
-        return x
+            return F.k.inverse(qs[layer_idx]("key", y, False, f"kv.{layer_idx}.key", offset) if quantize else y)
+        return qs[layer_idx]("value", x, False, f"kv.{layer_idx}.value", offset) if quantize else x
 
     return fn
 
 
 @contextlib.contextmanager
-def _hooked(model: nn.Module, layers: dict, flats: dict, dims: dict, cfg: FlatQuantConfig, quantize: bool):
-    """Input hooks on the linears of ``layers`` ({layer_idx: layer}) and the K/V hook on the model."""
+def _hooked(model: nn.Module, layers: dict, flats: dict, dims: dict, cfg: FlatQuantConfig, quantize: bool,
+            state=None):
+    """Input hooks on the linears of ``layers`` ({layer_idx: layer}) and the K/V hook on the model
+    (with ``state``: its bit specifications and sequence transforms, see :func:`_act_quantizer`)."""
     mods, fns = {}, {}
     for i, layer in layers.items():
-        fn = _online(flats[i], dims, cfg, quantize)
+        fn = _online(flats[i], dims, cfg, quantize, i, state)
         for sub, names in (("self_attn", _ATTN), ("mlp", _MLP)):
             for n in names:
                 mods[f"{i}.{n}"] = getattr(getattr(layer, sub), n)
                 fns[f"{i}.{n}"] = (fn, n)
     with hooks.input_hooks(mods, lambda name, m, x: fns[name][0](fns[name][1], x)), \
-            kv.kv_quantization(model, _kv_fn(flats, cfg, quantize)):
+            kv.kv_quantization(model, _kv_fn(flats, cfg, quantize, state)):
         yield
 
 
@@ -365,10 +387,21 @@ def calibrate(model: nn.Module, calib: torch.Tensor, config: FlatQuantConfig | N
 
 # ----------------------------------------------------------------------------- applying it
 @contextlib.contextmanager
-def flatquant(model: nn.Module, result: FlatQuantResult, quantize: bool = True):
-    """Apply a calibrated FlatQuant to ``model`` for the duration of the block: final weights
+def flatquant(model: nn.Module, result: FlatQuantResult, quantize: bool = True, *, act=None, kv_act=None):
+    r"""Apply a calibrated FlatQuant to ``model`` for the duration of the block: final weights
     swapped in (restored exactly on exit, also on an exception), online transforms and (with
-    ``quantize``) FlatQuant's activation and K/V quantizers as hooks."""
+    ``quantize``) FlatQuant's activation and K/V quantizers as hooks. Yields an
+    :class:`~stamp_lib.model.recipe.Applied` (``average_bits("act")`` / ``("kv")``: bits spent).
+
+    ``act`` / ``kv_act``: :class:`~stamp_lib.model.recipe.ActQuant` settings of the linear inputs /
+    keys and values: their bit specification per row (e.g. ``"64x8+4"``) and sequence transform
+    (STaMP: :math:`L^{-1} Q(L\,x R)` with FlatQuant's own quantizer Q, its learned clipping
+    included; the settings' ``symmetric``, ``clip_ratio`` and ``block_size`` are not used: FlatQuant's
+    quantizer is per token, symmetric for activations and asymmetric for K/V). ``None``: as
+    published, every token at ``a_bits`` / ``kv_bits``. Rows get their bits by absolute position,
+    as in :func:`stamp_lib.model.recipe.apply`."""
+    from . import recipe as rcp
+
     if not isinstance(result, FlatQuantResult):
         raise TypeError(f"result must be a FlatQuantResult (from flatquant.calibrate), got {type(result).__name__}")
     prefix, dec, layers, dims = _structure(model)
@@ -376,6 +409,12 @@ def flatquant(model: nn.Module, result: FlatQuantResult, quantize: bool = True):
         raise ValueError(f"flatquant: the result was calibrated for {len(result.layers)} layers with dims "
                          f"{result.dims}, this model has {len(layers)} layers with {dims}; calibrate it again")
     cfg = result.config
+    act = act if act is not None else rcp.ActQuant(bits=cfg.a_bits)
+    kv_act = kv_act if kv_act is not None or cfg.kv_bits is None else rcp.ActQuant(bits=cfg.kv_bits)
+    for what, a in (("act", act), ("kv_act", kv_act)):
+        if a is not None and not isinstance(a, rcp.ActQuant):
+            raise TypeError(f"flatquant: {what} must be an ActQuant or None, got {type(a).__name__}")
+    state = rcp.Applied(rcp.Recipe((rcp.Rule("*", act=act),), kv=kv_act, name=LABEL))
     plan = QuaRotPlan(arch="llama", seed=cfg.seed, fused=True, label=LABEL, description="FlatQuant's final weights")
     base = f"{prefix}.layers" if prefix else "layers"
     with torch.no_grad():
@@ -385,5 +424,10 @@ def flatquant(model: nn.Module, result: FlatQuantResult, quantize: bool = True):
                                        dtype=torch.float64).items():
                 plan.params[f"{base}.{i}.{k}"] = t.to(dtype=ref.dtype, device=ref.device)
     flats = dict(enumerate(result.layers))
-    with rotated(model, plan, online=False), _hooked(model, dict(enumerate(layers)), flats, dims, cfg, quantize):
-        yield result
+
+    def on_model(module, args, kwargs):
+        state.offset = rcp.offset_of(args, kwargs, need=state.hp_max > 0)
+
+    with rotated(model, plan, online=False), hooks.module_hook(model, on_model), \
+            _hooked(model, dict(enumerate(layers)), flats, dims, cfg, quantize, state):
+        yield state

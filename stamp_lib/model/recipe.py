@@ -66,7 +66,7 @@ __all__ = ["ActQuant", "WeightQuant", "Rule", "Recipe", "Prepared", "prepare", "
 SEQUENCE_TRANSFORMS = ("identity", "dct", "wht", "dwt", "mean")
 FEATURE_METHODS = (None, "hadamard", "smoothquant")
 WEIGHT_METHODS = ("rtn", "gptq")
-NETWORK_METHODS = (None, "quarot")
+NETWORK_METHODS = (None, "quarot", "flatquant")
 
 # private: True restores the previous per-call path (bit vectors keyed on the raw position and copied
 # per miss, position read back from cache_position first, NaN check of every CPU input by default,
@@ -251,13 +251,22 @@ class Recipe:
     optional model-level preparation ``network``: ``None`` or ``"quarot"`` (QuaRot, Ashkboos et
     al. 2024, :mod:`stamp_lib.model.quarot`; ``network_seed`` draws the random signs of its
     residual rotation). With ``network="quarot"`` every rule's ``feature`` must be ``None``: the
-    plan supplies the feature transforms."""
+    plan supplies the feature transforms.
+
+    ``network="flatquant"`` (FlatQuant, Sun et al. 2025, :mod:`stamp_lib.model.flatquant`) with
+    ``network_config`` a :class:`~stamp_lib.model.flatquant.FlatQuantConfig`: :func:`prepare` calibrates
+    it (block by block, on ``calib``), :func:`apply` applies it with FlatQuant's own quantizers. One
+    rule, ``feature=None``: its ``act`` gives the bits per row and the sequence transform (STaMP on
+    top of FlatQuant), its ``weight`` must be RTN (FlatQuant's weight quantizer, with its learned
+    clipping) with the config's ``w_bits``; the rule's patterns are not used (FlatQuant quantizes
+    the seven linears of every decoder layer). ``kv`` and the config's ``kv_bits`` agree."""
 
     rules: tuple = ()
     kv: ActQuant | None = None
     name: str = ""
     network: str | None = None
     network_seed: int = 0
+    network_config: object = None
 
     def __post_init__(self):
         rules = (self.rules,) if isinstance(self.rules, Rule) else tuple(self.rules)
@@ -279,19 +288,50 @@ class Recipe:
             if bad:
                 raise ValueError(f"network='quarot' supplies the feature transforms itself, but the rules for {bad} "
                                  "set feature=...; set feature=None in every rule (or drop network='quarot')")
+        if self.network == "flatquant":
+            self._check_flatquant(rules)
+        elif self.network_config is not None:
+            raise ValueError("network_config is FlatQuant's configuration; it needs network='flatquant'")
+
+    def _check_flatquant(self, rules) -> None:
+        from .flatquant import FlatQuantConfig
+
+        cfg = self.network_config
+        if not isinstance(cfg, FlatQuantConfig):
+            raise ValueError("network='flatquant' needs network_config=FlatQuantConfig(...) (its bits, epochs, "
+                             f"seed...), got {type(cfg).__name__}")
+        r = rules[0] if len(rules) == 1 else None
+        if r is None or r.feature is not None or r.act is None or r.weight is None:
+            raise ValueError("network='flatquant' takes one rule with act= and weight= set and feature=None "
+                             "(FlatQuant supplies the transforms)")
+        if r.weight.method != "rtn" or r.weight.bits != cfg.w_bits or r.weight.lowrank or r.weight.group_size:
+            raise ValueError(f"network='flatquant': the weights are FlatQuant's own per-row RTN with learned "
+                             f"clipping at w_bits={cfg.w_bits}; pass WeightQuant(bits={cfg.w_bits}) (FlatQuant's "
+                             "optional GPTQ pass after calibration is not implemented here)")
+        if quant.parse_bits(r.act.bits)[2] != cfg.a_bits:
+            raise ValueError(f"network='flatquant': act bits {r.act.bits!r} have low bits other than the config's "
+                             f"a_bits={cfg.a_bits} (the bits FlatQuant was calibrated with)")
+        kv_low = None if self.kv is None else quant.parse_bits(self.kv.bits)[2]
+        if kv_low != cfg.kv_bits:
+            raise ValueError(f"network='flatquant': kv={self.kv and self.kv.bits!r} but the config's kv_bits="
+                             f"{cfg.kv_bits}; make them agree (kv=None with kv_bits=None)")
 
     def prep_key(self) -> tuple:
         key = tuple(r.prep_key() for r in self.rules)
+        if self.network == "flatquant":
+            return key + (("network", self.network, self.network_config),)
         return key if self.network is None else key + (("network", self.network, self.network_seed),)
 
     def needs_calibration(self) -> bool:
-        return any(r.feature == "smoothquant" or (r.weight is not None and r.weight.method == "gptq")
-                   for r in self.rules)
+        return self.network == "flatquant" or any(
+            r.feature == "smoothquant" or (r.weight is not None and r.weight.method == "gptq") for r in self.rules)
 
     def knobs(self) -> dict:
         d = {"name": self.name, "rules": [r.knobs() for r in self.rules], "kv": self.kv.knobs() if self.kv else None}
         if self.network is not None:  # only then: the knobs (and stored cells' keys) of other recipes are unchanged
             d.update(network=self.network, network_seed=self.network_seed)
+        if self.network_config is not None:
+            d.update(network_config=self.network_config.knobs())
         return d
 
     def resolve(self, model: nn.Module) -> dict[str, tuple[nn.Linear, Rule]]:
@@ -354,9 +394,25 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
     online parts): GPTQ Hessians are those of the inputs the rotated network feeds the layer, turned
     into those of the quantized inputs :math:`x R` by :math:`R^\top H R` for the plan's online
     transforms R, which become ``prepared.features`` of the matched layers (a layer no rule matches
-    keeps its plain input and its rotated, unfolded weight: exact, and not quantized anyway)."""
+    keeps its plain input and its rotated, unfolded weight: exact, and not quantized anyway).
+
+    ``recipe.network="flatquant"``: FlatQuant calibrated on ``calib`` (token windows (n, s)) with
+    the recipe's config (:func:`stamp_lib.model.flatquant.calibrate`); ``prepared.plan`` is its result."""
     if recipe.network is None:
         return _prepare(model, recipe, calib, forward, batch_size, progress, None)
+    if recipe.network == "flatquant":
+        from tqdm.auto import tqdm
+
+        from . import flatquant
+
+        if calib is None:
+            raise ValueError("network='flatquant' is calibrated block by block: pass calib=, token windows (n, s) "
+                             "from the calibration split")
+        with torch.enable_grad(), tqdm(desc="FlatQuant calibration", disable=None if progress else True,
+                                       leave=False) as bar:
+            res = flatquant.calibrate(model, calib, recipe.network_config, progress=bar)
+        return Prepared(key=recipe.prep_key(), plan=res,
+                        info={"network": flatquant.LABEL, "calibration_seconds": res.seconds})
     from . import quarot
 
     plan = quarot.quarot_plan(model, seed=recipe.network_seed)
@@ -571,13 +627,15 @@ class Applied:
         st.bits += bits
         st.calls += 1
 
-    def quantize(self, spec: ActQuant, x: torch.Tensor, offset: int, feature=None):
+    def quantize(self, spec: ActQuant, x: torch.Tensor, offset: int, feature=None, quantizer=None):
         """``(out, tokens, bits)``: :math:`L^{-1} Q(L x R)` of one input (..., s, d) in the rotated
         basis, the number of tokens quantized and the bits they were given (summed over rows).
+        ``quantizer``: a method's own per-row quantizer in place of ``spec``'s min-max one (see
+        :func:`stamp_lib.core.quant.stamp_fake_quant`; FlatQuant's, :mod:`stamp_lib.model.flatquant`).
         Non-finite inputs raise only with ``check_finite=True`` (a host sync)."""
-        return self._quantize(spec, x, offset, feature)[:3]
+        return self._quantize(spec, x, offset, feature, quantizer)[:3]
 
-    def _quantize(self, spec: ActQuant, x: torch.Tensor, offset: int, feature=None):
+    def _quantize(self, spec: ActQuant, x: torch.Tensor, offset: int, feature=None, quantizer=None):
         """:meth:`quantize` plus the rotated input :math:`x R` it computed (float32 for half inputs;
         ``x`` itself without a feature transform), for the low-rank branch and observers."""
         if x.dim() < 2:
@@ -607,15 +665,16 @@ class Applied:
         # x R (or the float32 copy of a half x) is a fresh tensor of ours: unless it is wanted back
         # (observer, low-rank branch), the quantizer works in its memory
         own = not self._keep_rotated and y.data_ptr() != x.data_ptr()
-        out = quant.stamp_fake_quant(y, T, b, validate=False, overwrite=own, symmetric=spec.symmetric,
-                                     clip_ratio=spec.clip_ratio, block_size=spec.block_size)
+        kw = (dict(quantizer=quantizer) if quantizer is not None else
+              dict(symmetric=spec.symmetric, clip_ratio=spec.clip_ratio, block_size=spec.block_size))
+        out = quant.stamp_fake_quant(y, T, b, validate=False, overwrite=own, **kw)
         if bt is not None:
             out = out.flatten(-3, -2)
         n_seq = y.numel() // (y.shape[-1] * s)
         return out.to(dtype), n_seq * s, n_seq * bsum, (None if own else rotated)
 
 
-def _offset_from(args, kwargs, need: bool = True) -> int:
+def offset_of(args, kwargs, need: bool = True) -> int:
     """Absolute position of the first token of this forward (0 without a cache).
 
     ``need=False`` (no rule has high-precision rows, so the bits do not depend on the position):
@@ -677,6 +736,15 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
     elif prepared.key != recipe.prep_key():
         raise ValueError("prepared was made for other feature/weight settings than this recipe's; "
                          "call prepare(model, recipe, calib) again")
+    if recipe.network == "flatquant":
+        from . import flatquant
+
+        if observe is not None:
+            raise ValueError("observe= is not supported with network='flatquant' (its quantizers run in "
+                             "stamp_lib.model.flatquant's own hooks)")
+        with flatquant.flatquant(model, prepared.plan, act=recipe.rules[0].act, kv_act=recipe.kv) as st:
+            yield st
+        return
     resolved = recipe.resolve(model)
     state = Applied(recipe, check_finite)
     hooked = {n: m for n, (m, r) in resolved.items()
@@ -725,7 +793,7 @@ def apply(model: nn.Module, recipe: Recipe, prepared: Prepared | None = None, ca
         return output
 
     def on_model(module, args, kwargs):
-        state.offset = _offset_from(args, kwargs, need=state.hp_max > 0)
+        state.offset = offset_of(args, kwargs, need=state.hp_max > 0)
         state._last = None
         return None
 
