@@ -34,7 +34,12 @@ RTN inside the loop (FlatQuant's ``--gptq`` is a separate pass after calibration
 :func:`flatquant` applies a calibrated result to the model for the duration of a block: the final
 weights (folded, clipped and, with ``quantize=True``, quantized) swapped in and restored exactly on
 exit, and the online transforms and activation/KV quantizers as hooks. With ``quantize=False`` the
-model computes the original function up to rounding (tested in float64).
+model computes the original function up to rounding (tested in float64). Its ``act`` / ``kv_act``
+settings put STaMP on top: the sequence transform and per-row bits around FlatQuant's own
+quantizer (:func:`stamp_lib.core.quant.stamp_fake_quant` with ``quantizer=``), nothing re-trained.
+``Recipe(..., network="flatquant", network_config=FlatQuantConfig(...))`` does both steps through
+:func:`stamp_lib.model.recipe.prepare` / :func:`~stamp_lib.model.recipe.apply` (the LLM table's
+``flatquant`` row and ``python -m stamp_lib llm --method flatquant``).
 
 All of it is fake quantization in floating point (simulation, no integer kernels).
 """
