@@ -278,7 +278,7 @@ def test_pixart_arguments_run_or_exit_2_with_one_line(o):
         assert _names_a_given_argument(line, argv), line
         return
     assert len(pixart.protocol_configs(a.hp_tokens, a.block_size or None, a.rank,
-                                       None if a.hadamard_seed < 0 else a.hadamard_seed)) == 10
+                                       None if a.hadamard_seed < 0 else a.hadamard_seed)) == 12
 
 
 # ----------------------------------------------------------------------------- bench

@@ -146,6 +146,26 @@ def test_quantized_run_metrics(model, refs, calib):
     assert p["delta_db"] == pytest.approx(float(d.mean())) and p["n"] == 4 and p["wins"] == int((d > 0).sum())
 
 
+def test_viditq_is_its_published_channel_balancing_on_the_smoothquant_path(model, refs, calib):
+    """galaxy_config('viditq'): SmoothQuant scales at ViDiT-Q's strength 0.3 from calibration, dynamic
+    per-row activation ranges, no low-rank branch; its scales are those of the svdquant path at the
+    same strength (one implementation); its departures travel with the configuration."""
+    from stamp_lib.methods import viditq
+
+    c = D.galaxy_config("viditq")
+    rule = c.recipe.rules[0]
+    assert rule.feature == "smoothquant" and rule.alpha == viditq.ALPHA == 0.3 and rule.weight.lowrank == 0
+    assert c.info["alpha"] == 0.3 and c.info["departures"] == list(viditq.DEPARTURES)
+    assert c.recipe.needs_calibration() and D.galaxy_config("viditq", alpha=0.5).recipe.rules[0].alpha == 0.5
+    prep = D.prepare(model, c, calib)
+    same = D.prepare(model, D.galaxy_config("svdquant", rank=0, alpha=0.3), calib)
+    name = next(iter(prep.features))
+    x = torch.randn(3, prep.features[name].d, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(prep.features[name].forward(x), same.features[name].forward(x))
+    res = D.run_configs(model, {"b": c, "s": D.galaxy_config("viditq", stamp=True)}, refs[:1], calib, progress=False)
+    assert all(torch.isfinite(r.sqnr_image).all() for r in res.values())
+
+
 def test_sqnr_per_image_matches_metrics():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)

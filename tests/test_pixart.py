@@ -144,7 +144,11 @@ def test_protocol_computes_paired_sqnr(pipe, prompts):
 def test_protocol_configs_cover_figure1_and_table1():
     c = P.protocol_configs()
     assert set(c) == {"A4", "A4 +stamp", "A4 +hadamard", "A4 +both", "rtn W4A4", "rtn W4A4 +stamp",
-                      "hadamard W4A4", "hadamard W4A4 +stamp", "svdquant W4A4", "svdquant W4A4 +stamp"}
+                      "hadamard W4A4", "hadamard W4A4 +stamp", "svdquant W4A4", "svdquant W4A4 +stamp",
+                      "viditq W4A4", "viditq W4A4 +stamp"}
+    vq = c["viditq W4A4 +stamp"].rules[0]  # ViDiT-Q's published PixArt setting: alpha 0.3, per-token ranges
+    assert vq.feature == "smoothquant" and vq.alpha == 0.3 and vq.act.block_size is None
+    assert vq.act.transform == "dwt" and vq.weight.lowrank == 0 and c["viditq W4A4"].needs_calibration()
     img = c["A4 +both"].rules[0]
     assert img.feature == "hadamard" and img.act.transform == "dwt" and img.act.grid == "auto"
     assert img.act.bits == "64x8+4" and img.act.block_size == 64 and img.weight is None
@@ -323,7 +327,7 @@ def test_cli_end_to_end(tmp_path):
     out = P.main(["--model", str(folder), "--prompts", str(prompts), "--calib-prompts", "1", "--height", "64",
                   "--width", "64", "--steps", str(STEPS), "--hp-tokens", "4", "--rank", "4", "--dtype", "float32",
                   "--out", str(tmp_path / "r.json")])
-    assert len(out["configs"]) == 10 and out["n_images"] == 2 and len(out["paired"]) == 4
+    assert len(out["configs"]) == 12 and out["n_images"] == 2 and len(out["paired"]) == 5
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["configs"]["A4 +both"]["act_bits"] > 4
     # the record says what ran: a 64 px image is a 4x4 latent grid, so 3 Haar levels are capped at 2

@@ -37,10 +37,12 @@ QuaRot; ``hadamard_seed`` adds QuaRot's random sign flips, :class:`~stamp_lib.mo
 (SVDQuant-style: SmoothQuant smoothing with ``alpha`` from calibration inputs, then the top
 ``rank`` singular part of the smoothed weight kept in full precision on the unquantized input and
 the residual quantized; :data:`RANK` = 2 of width 64, about 3%, as SVDQuant's 32 of 1152).
-ViDiT-Q's own recipe (per-timestep dynamic ranges, channel balancing and
-its mixed-precision search over layers) is not reproduced: its search needs the image-quality
-metrics of a text-to-image model and the paper's ViDiT-Q row itself is doubtful (its Table 1
-reports COCO SQNR 7.82 -> 6.37 with STaMP, a loss, while every other row gains).
+``viditq`` is ViDiT-Q's published PixArt setting (:mod:`stamp_lib.methods.viditq`): SmoothQuant-style
+channel balancing with its strength 0.3 from calibration inputs, dynamic per-token activations,
+round-to-nearest weights; its departures (calibration statistic, no timestep-wise scales, no
+mixed-precision search) are in the module and in each configuration's ``info``. The paper's own
+ViDiT-Q row is doubtful (its Table 1 reports COCO SQNR 7.82 -> 6.37 with STaMP, a loss, while
+every other row gains).
 
 Protocol (:func:`reference`, :func:`evaluate`)
 ----------------------------------------------
@@ -78,8 +80,9 @@ import torch
 from ..core import autocorr, metrics, stats, transforms
 from ..core import cells as cellstore
 from ..core.io import results_dir, write_json
-from ..methods import FEATURE_OF
-from ..methods import IMAGE_BASELINES as METHODS
+from ..methods import viditq
+from ..methods.viditq import IMAGE_FEATURE_OF as FEATURE_OF
+from ..methods.viditq import IMAGE_METHODS as METHODS
 from ..model import capture, hooks
 from ..model import recipe as rcp
 from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
@@ -122,7 +125,7 @@ def _check_int(v, what, lo=0):
 
 def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a_bits: int | None = 4,
                   hp_tokens: int = 4, hp_bits: int = 8, levels: int = 3, grid: tuple[int, int] = (16, 16),
-                  block_size: int | None = None, rank: int = RANK, alpha: float = 0.5, token_stamp: bool = False,
+                  block_size: int | None = None, rank: int = RANK, alpha: float | None = None, token_stamp: bool = False,
                   token_hp: int | None = None, hadamard_seed: int | None = None, group_size: int | None = None,
                   mean_token: bool = False) -> Config:
     """The configuration of one cell of the experiment (see the module docstring).
@@ -135,11 +138,14 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
     of that many input features. ``mean_token``: the :class:`~stamp_lib.core.transforms.MeanToken` control instead of the
     identity on the channel-mixing inputs (not with ``stamp``). ``w_bits=None`` keeps weights in
     full precision. ``rank``: the low-rank branch of
-    ``svdquant``. ``token_stamp``: also transform the token-mixing inputs (1-D Haar over their 64
-    channel rows, ``token_hp`` high-precision rows; an ablation); ``token_hp`` defaults to
-    ``hp_tokens`` with ``token_stamp`` and to 0 (plain ``a_bits``) without."""
+    ``svdquant``. ``alpha``: the smoothing strength of ``svdquant`` (default 0.5) and ``viditq``
+    (default :data:`stamp_lib.methods.viditq.ALPHA`). ``token_stamp``: also transform the
+    token-mixing inputs (1-D Haar over their 64 channel rows, ``token_hp`` high-precision rows; an
+    ablation); ``token_hp`` defaults to ``hp_tokens`` with ``token_stamp`` and to 0 (plain
+    ``a_bits``) without."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    alpha = (viditq.ALPHA if method == viditq.NAME else 0.5) if alpha is None else alpha
     for v, what in ((hp_tokens, "hp_tokens"), (rank, "rank"), (levels, "levels")):
         _check_int(v, what)
     s = grid[0] * grid[1]
@@ -198,7 +204,8 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
                 "mean-token Householder" if mean_token else "identity",
                 weights=("full precision" if not w_bits else "per-output-channel symmetric RTN" if group_size is None
                          else f"symmetric RTN per group of {group_size} input features"),
-                activations="per-row asymmetric min-max, no clipping" if a_bits else "full precision")
+                activations="per-row asymmetric min-max, no clipping" if a_bits else "full precision",
+                **({"departures": list(viditq.DEPARTURES)} if method == viditq.NAME else {}))
     return Config(name, Recipe(rules, name=name), info=info)
 
 

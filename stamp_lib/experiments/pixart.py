@@ -42,8 +42,9 @@ Full size, on a machine with the weights and a GPU::
         --prompts data/prompts/pixart_prompts.txt --device cuda --dtype float16
 
 runs Figure 1 (A4: plain, +STaMP, +Hadamard, both) and Table 1 (W4A4, per-block-64: RTN,
-Hadamard, SVDQuant-style, each without and with STaMP), SQNR of the decoded images against full
-precision from the same latents and prompt, paired per image, and writes a JSON file.
+Hadamard, SVDQuant-style; ViDiT-Q per token, its published setting; each without and with
+STaMP), SQNR of the decoded images against full precision from the same latents and prompt,
+paired per image, and writes a JSON file.
 Quantization is simulated (fake quantization in floating point).
 """
 
@@ -63,8 +64,9 @@ from torch import nn
 from ..core import cells as cellstore
 from ..core import metrics, stats, transforms
 from ..core.io import results_dir, write_json
-from ..methods import FEATURE_OF
-from ..methods import IMAGE_BASELINES as METHODS
+from ..methods import viditq
+from ..methods.viditq import IMAGE_FEATURE_OF as FEATURE_OF
+from ..methods.viditq import IMAGE_METHODS as METHODS
 from ..model import hooks
 from ..model import recipe as rcp
 from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
@@ -114,14 +116,16 @@ def roles(transformer: nn.Module) -> dict[str, str]:
 # ----------------------------------------------------------------------------- recipes
 def pixart_recipe(method: str, *, stamp: bool = False, w_bits: int | None = 4, a_bits: int = 4,
                   hp_tokens: int = 64, hp_bits: int = 8, levels: int = 3, block_size: int | None = 64,
-                  rank: int = 32, alpha: float = 0.5, text_bits: int | None = 4, time_bits: int | None = 4,
+                  rank: int = 32, alpha: float | None = None, text_bits: int | None = 4, time_bits: int | None = 4,
                   hadamard_seed: int | None = 0) -> Recipe:
     """The recipe of one cell of Figure 1 / Table 1 for PixArt (see the module docstring).
 
     ``stamp``: 2-D Haar DWT (``levels``) over the latent grid on the image-token inputs (else the
     bit-matched baseline). ``w_bits=None``: full-precision weights (Figure 1's A4). ``block_size``:
     per-block activation ranges (64, the paper's Table 1) or per token (``None``). ``svdquant``:
-    SmoothQuant smoothing (``alpha``) + a rank-``rank`` full-precision branch; needs calibration.
+    SmoothQuant smoothing (``alpha``, default 0.5) + a rank-``rank`` full-precision branch; needs
+    calibration. ``viditq``: ViDiT-Q's published PixArt setting (:mod:`stamp_lib.methods.viditq`:
+    channel balancing with ``alpha`` default 0.3, dynamic activation ranges); needs calibration.
     ``text_bits`` / ``time_bits``: plain quantization of the text-token and timestep inputs
     (``None``: full precision). ``hadamard_seed``: QuaRot's random signs for ``hadamard``
     (``None``: the plain Hadamard matrix, which chapter 4 finds harmful at A4 on the galaxy model)."""
@@ -129,6 +133,7 @@ def pixart_recipe(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if method == "fp":
         return Recipe((Rule("*"),), name="fp")
+    alpha = (viditq.ALPHA if method == viditq.NAME else 0.5) if alpha is None else alpha
     lowrank = rank if method == "svdquant" else 0
     if w_bits is None and lowrank:
         raise ValueError("the svdquant low-rank branch needs quantized weights (w_bits)")
@@ -151,16 +156,18 @@ def pixart_recipe(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
 def protocol_configs(hp_tokens: int = 64, block_size: int | None = 64, rank: int = 32,
                      hadamard_seed: int | None = 0) -> dict[str, Recipe]:
     """Figure 1 (A4, full-precision weights: plain, +STaMP, +Hadamard, both) and Table 1 (W4A4:
-    RTN, Hadamard, SVDQuant-style, each without and with STaMP), per-block-``block_size``;
-    Hadamard with QuaRot's random signs from ``hadamard_seed``."""
+    RTN, Hadamard, SVDQuant-style, ViDiT-Q, each without and with STaMP), per-block-``block_size``
+    (ViDiT-Q per token, its published granularity); Hadamard with QuaRot's random signs from
+    ``hadamard_seed``."""
     kw = dict(hp_tokens=hp_tokens, block_size=block_size, hadamard_seed=hadamard_seed)
     out = {"A4": pixart_recipe("rtn", w_bits=None, **kw),
            "A4 +stamp": pixart_recipe("rtn", w_bits=None, stamp=True, **kw),
            "A4 +hadamard": pixart_recipe("hadamard", w_bits=None, **kw),
            "A4 +both": pixart_recipe("hadamard", w_bits=None, stamp=True, **kw)}
-    for m in ("rtn", "hadamard", "svdquant"):
-        out[f"{m} W4A4"] = pixart_recipe(m, rank=rank, **kw)
-        out[f"{m} W4A4 +stamp"] = pixart_recipe(m, stamp=True, rank=rank, **kw)
+    for m in ("rtn", "hadamard", "svdquant", viditq.NAME):
+        mkw = {**kw, "block_size": None} if m == viditq.NAME else kw
+        out[f"{m} W4A4"] = pixart_recipe(m, rank=rank, **mkw)
+        out[f"{m} W4A4 +stamp"] = pixart_recipe(m, stamp=True, rank=rank, **mkw)
     return out
 
 
