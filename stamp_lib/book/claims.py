@@ -139,6 +139,7 @@ CLAIMS: dict[str, Claim] = {
         "LM: how much, its effect on perplexity, and whether a causal-safe (block-wise) variant works.",
         "not discussed",
         "the paper evaluates full sequences (prefill) and does not discuss causality",
+        ("06_causality",),
     ),
 }
 
