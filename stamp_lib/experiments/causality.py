@@ -25,6 +25,7 @@ Everything is fake quantization in floating point (simulation).
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -47,11 +48,9 @@ def logits(model, ids: torch.Tensor, recipe=None, prepared=None) -> torch.Tensor
     """The logits (s, vocab), float64 on the CPU, of one forward of ``ids`` (1, s) under ``recipe``
     (``None``: full precision), without a cache."""
     dev = next(model.parameters()).device
-    with torch.no_grad():
-        if recipe is None:
-            return model(input_ids=ids.to(dev), use_cache=False).logits[0].double().cpu()
-        with rcp.apply(model, recipe, prepared, progress=False):
-            return model(input_ids=ids.to(dev), use_cache=False).logits[0].double().cpu()
+    ctx = contextlib.nullcontext() if recipe is None else rcp.apply(model, recipe, prepared, progress=False)
+    with torch.no_grad(), ctx:
+        return model(input_ids=ids.to(dev), use_cache=False).logits[0].double().cpu()
 
 
 def leak(model, window: torch.Tensor, j: int, recipe=None, prepared=None, *, replacement: int | None = None,
