@@ -72,3 +72,31 @@ def test_errors_name_the_problem():
         C.causal_nll(m, WINDOW, [S - 1])
     with pytest.raises(ValueError, match="cannot draw"):
         C.positions_to_score(S, S)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_cached_decoding_equals_one_pass_where_causal_and_stamp_reaches_it_only_through_the_cache(arch):
+    m = tiny(arch)
+    prompt = 20
+    pos = list(range(prompt - 1, S - 1))
+    for r in (None, _recipe("none")):
+        prep = None if r is None else rcp.prepare(m, r, progress=False)
+        torch.testing.assert_close(C.decode_nll(m, WINDOW, prompt, r, prep), C.onepass_nll(m, WINDOW, pos, r, prep),
+                                   rtol=1e-9, atol=1e-9)
+    # one-token steps: the DWT cannot act on them; they differ from the bit-matched recipe only
+    # through the keys and values the prefill left in the cache
+    r_none, r_dwt = _recipe("none"), _recipe("dwt")
+    prep = rcp.prepare(m, r_none, progress=False)
+    d_none = C.decode_nll(m, WINDOW, prompt, r_none, prep)
+    d_dwt = C.decode_nll(m, WINDOW, prompt, r_dwt, prep)
+    assert float((d_dwt - d_none).abs().max()) > 1e-9  # the cache differs
+    # a one-token prompt: nothing to mix at prefill, every step is one token: identical
+    torch.testing.assert_close(C.decode_nll(m, WINDOW, 1, r_dwt, prep), C.decode_nll(m, WINDOW, 1, r_none, prep),
+                               rtol=0, atol=1e-12)
+
+
+def test_decode_refuses_a_prompt_outside_the_window():
+    m = tiny("llama")
+    for bad in (0, S):
+        with pytest.raises(ValueError, match="prompt must be in"):
+            C.decode_nll(m, WINDOW, bad)

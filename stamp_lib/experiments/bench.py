@@ -363,7 +363,7 @@ def _smollm2_sized(layers: int):
     return LlamaForCausalLM(cfg).eval().model
 
 
-def _interleaved(cases: dict, repeats: int) -> dict:
+def interleaved(cases: dict, repeats: int) -> dict:
     """Median wall time of every case, the cases run in turn ``repeats`` times (after one warm-up)."""
     for f in cases.values():
         f()
@@ -456,7 +456,7 @@ def _hotpath_benchmark(repeats, layers, prompt, decode, galaxy):
                         res[k].append(f())
                 med = {k: statistics.median(v) for k, v in res.items()}
             else:
-                med = _interleaved(cases, repeats)
+                med = interleaved(cases, repeats)
             label = (f"SmolLM2-sized ({layers} layers) prefill {prompt}" if phase == "prefill"
                      else f"SmolLM2-sized ({layers} layers) {decode} decode steps")
             fp = med[("fp", False)]
@@ -499,7 +499,7 @@ def _galaxy_hotpath(repeats: int) -> dict:
     for name in cfgs:
         for previous in (True, False):
             cases[(name, previous)] = case(name, previous)
-    med = _interleaved(cases, repeats)
+    med = interleaved(cases, repeats)
     fp = med[("fp", False)]
     return {f"galaxy network, 8 images x 4 calls: {name}": _row(fp, med[(name, True)], med[(name, False)])
             for name in cfgs}

@@ -20,19 +20,25 @@ perplexity benchmark scores every position as if it had been generated, and ther
 prefix-only transform is fair. The prefix-only scoring is also the causal-safe variant of STaMP:
 its cost is one transform (and one forward) per scored position, measured by :func:`causal_nll`.
 
+* :func:`decode_nll`: teacher-forced decoding. A prompt is prefilled in one forward (STaMP mixes its
+  tokens, K/V enter the cache quantized), then every further token is one cached step of one token,
+  which a sequence transform cannot touch (one row: the identity). What STaMP can still do for
+  those steps comes through the prompt's cached keys and values alone.
+
 Everything is fake quantization in floating point (simulation).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 
 import torch
 
 from ..model import recipe as rcp
 
-__all__ = ["logits", "leak", "leak_signature", "causal_nll", "onepass_nll", "positions_to_score"]
+__all__ = ["logits", "leak", "leak_signature", "causal_nll", "onepass_nll", "decode_nll", "positions_to_score"]
 
 
 def _check_window(window: torch.Tensor) -> torch.Tensor:
@@ -124,3 +130,30 @@ def causal_nll(model, window: torch.Tensor, positions, recipe=None, prepared=Non
         if progress is not None:
             progress.update(1)
     return torch.tensor(out, dtype=torch.float64), time.perf_counter() - t0
+
+
+def decode_nll(model, window: torch.Tensor, prompt: int, recipe=None, prepared=None) -> torch.Tensor:
+    """Teacher-forced cached decoding: prefill ``window[:prompt]`` in one forward (with a KV cache),
+    then feed tokens ``prompt .. s - 2`` one at a time; returns the NLL (float64) of tokens
+    ``prompt .. s - 1``, each predicted by a one-token step (the first by the prefill's last
+    position). Equals :func:`onepass_nll` at positions ``prompt - 1 .. s - 2`` wherever the
+    computation is causal (full precision, per-token quantization)."""
+    w = _check_window(window)
+    s = w.shape[1]
+    if not 1 <= prompt < s:
+        raise ValueError(f"prompt must be in [1, {s - 1}] for a window of {s} tokens, got {prompt}")
+    from transformers import DynamicCache
+
+    w = w.to(next(model.parameters()).device)
+    # transformers 5 names the cache argument "cache", earlier versions "past_key_values"
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=model.config)
+    ctx = contextlib.nullcontext() if recipe is None else rcp.apply(model, recipe, prepared, progress=False)
+    out = []
+    with torch.no_grad(), ctx:
+        lg = model(input_ids=w[:, :prompt], use_cache=True, **{kw: cache}).logits[0, -1]
+        for p in range(prompt, s):
+            out.append(_nll_at(lg.double().cpu(), int(w[0, p])))
+            if p < s - 1:
+                lg = model(input_ids=w[:, p:p + 1], use_cache=True, **{kw: cache}).logits[0, -1]
+    return torch.tensor(out, dtype=torch.float64)
