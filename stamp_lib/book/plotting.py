@@ -110,6 +110,7 @@ COLORS = {
     "diff": "#882255",
     "dct (token 0 apart)": "#56B4E9",
     "dwt (token 0 apart)": "#7BC8A4",
+    "mean": "#999933",
     # bit policies (chapter 1)
     "uniform": "#7f7f7f",
     "two-level": "#332288",
@@ -190,6 +191,7 @@ LABELS: dict[str, dict[str, str]] = {
         "diff": "difference (DPCM)",
         "dct (token 0 apart)": "DCT, token 0 apart",
         "dwt (token 0 apart)": "Haar DWT, token 0 apart",
+        "mean": "mean token only",
     },
     "policy": {   # bit policies (chapter 1)
         "uniform": "uniform bits",
