@@ -348,3 +348,48 @@ def test_tables_fit_the_column_or_are_refused():
                                      (4.5, "4.50")])
 def test_num(v, text):
     assert plotting.num(v) == text
+
+
+# ----------------------------------------------------------------------------- re-certification
+_NB = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+---
+
+# T
+
+```{{code-cell}} ipython3
+x = 1
+{second}
+```
+"""
+
+
+def test_same_statements_ignores_cell_boundaries_comments_and_wrapping_only():
+    one = _NB.format(second="y = x + 2")
+    split = _NB.format(second="```\n\n```{code-cell} ipython3\n:tags: [remove-cell]\n\n# a comment\ny = (x +\n     2)")
+    assert study.same_statements(one, split)
+    assert not study.same_statements(one, _NB.format(second="y = x + 3"))
+    assert not study.same_statements(one, _NB.format(second="y = 2 + x"))
+
+
+def test_recertify_carries_a_record_over_a_cell_split_and_nothing_else(tmp_path, monkeypatch):
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    monkeypatch.setattr(study, "REPO_ROOT", tmp_path)
+    old = _NB.format(second="y = x + 2")
+    (nb_dir / "07_t.md").write_text(old)
+    data = {"notebook": "07_t", "commit": "abc", "code": {"files": {
+        "notebooks/07_t.md#code": study.notebook_code_hash(nb_dir / "07_t.md")}}}
+    study.write_full_record(data, tmp_path)
+    assert not study.full_record("07_t", tmp_path).stale
+    (nb_dir / "07_t.md").write_text(_NB.format(second="```\n\n```{code-cell} ipython3\n\ny = x + 2"))
+    assert study.full_record("07_t", tmp_path).stale
+    rec = study.recertify("07_t", tmp_path, old_text=old)
+    assert not rec.stale and rec.data["recertified"][0]["files"] == ["notebooks/07_t.md#code"]
+    assert "re-certified" in rec.when()
+    (nb_dir / "07_t.md").write_text(_NB.format(second="y = x + 5"))
+    with pytest.raises(ValueError, match="other statements"):
+        study.recertify("07_t", tmp_path, old_text=old)

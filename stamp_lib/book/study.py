@@ -139,6 +139,24 @@ def notebook_code_hash(notebook: str | Path) -> str:
     return _sha(code.encode())
 
 
+def _code_cells(text: str) -> list[str]:
+    import jupytext
+
+    return [c.source for c in jupytext.reads(text, fmt="md:myst").cells if c.cell_type == "code"]
+
+
+def same_statements(old_text: str, new_text: str) -> bool:
+    """Whether two versions of a MyST notebook run the same statements: the abstract syntax trees
+    of their code cells, concatenated in order, are equal (cell boundaries, tags, comments and
+    line wrapping do not count; any changed name, value or order does)."""
+    import ast
+
+    def tree(text):
+        return ast.dump(ast.parse("\n".join(_code_cells(text))))
+
+    return tree(old_text) == tree(new_text)
+
+
 def code_files(notebook: str, modules: list[str] | None = None) -> dict[str, str]:
     """The code behind a notebook's numbers: ``{relative path: sha256}``.
 
@@ -397,6 +415,8 @@ class FullRecord:
         m = d.get("machine", {})
         line = (f"recorded {str(d.get('date', '?'))[:10]} at commit {commit}, wall time "
                 f"{d.get('wall_time_s', 0) / 60:.0f} min on {m.get('cpus', '?')} CPUs")
+        for r in d.get("recertified", []):
+            line += f"; code cells re-certified at {str(r.get('commit') or '?')[:8]} (same statements)"
         if self.stale:
             line += f"; STALE: changed since: {', '.join(self.changed)}"
         return line
@@ -445,6 +465,43 @@ def full_record(notebook: str, folder: Path | None = None) -> FullRecord | None:
     changed = [f for f, h in files.items() if current_hash(f) != h]
     return FullRecord(data=data, stale=bool(changed) or not files, changed=changed or
                       ([] if files else ["(no code hash in the record)"]))
+
+
+def recertify(notebook: str, folder: Path | None = None, *, old_text: str | None = None) -> FullRecord:
+    """Carry a full-size record over a change of its notebook that runs the same statements.
+
+    Allowed only when the notebook's code cells are the one changed file of the record and
+    :func:`same_statements` holds between the version at the record's commit (``old_text``,
+    default ``git show <commit>:notebooks/<notebook>.md``) and the current one: then the record's
+    hash of the code cells is renewed and a ``recertified`` entry (date, commit, what and why) is
+    added, shown by :meth:`FullRecord.when`. Anything else raises ``ValueError`` naming the
+    changed files: re-record instead (``make record-full``)."""
+    folder = folder or full_dir()
+    rec = full_record(notebook, folder)
+    if rec is None:
+        raise ValueError(f"no full-size record of {notebook!r} in {folder}")
+    key = f"notebooks/{notebook}.md#code"
+    if not rec.stale:
+        return rec
+    if rec.changed != [key]:
+        raise ValueError(f"{notebook}: {', '.join(rec.changed)} changed since the record; only a change of the "
+                         "notebook's code cells that runs the same statements can be carried over: re-record it")
+    if old_text is None:
+        commit = rec.data.get("commit")
+        old_text = _git("show", f"{commit}:notebooks/{notebook}.md") if commit else None
+        if old_text is None:
+            raise ValueError(f"{notebook}: cannot read the notebook at the record's commit {commit!r}")
+    new_text = (REPO_ROOT / "notebooks" / f"{notebook}.md").read_text()
+    if not same_statements(old_text, new_text):
+        raise ValueError(f"{notebook}: the code cells run other statements than at the record's commit: re-record it")
+    data = dict(rec.data)
+    data["code"] = {**data["code"], "files": {**data["code"]["files"], key: current_hash(key)}}
+    data["recertified"] = [*data.get("recertified", []), {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "HEAD"), "files": [key],
+        "why": "the code cells run the same statements (equal syntax trees); cell boundaries or format changed"}]
+    write_full_record(data, folder)
+    return full_record(notebook, folder)
 
 
 def full_records(folder: Path | None = None) -> dict[str, FullRecord]:
