@@ -19,8 +19,8 @@ Contract
   paper's two levels on the first rows, the same two levels on the rows of largest calibration
   energy, and the integer optimum of Theorem 1's bound
   (:func:`stamp_lib.core.quant.optimal_bits`).
-* :func:`mean_share` says how much of a transform's SQNR gain over the identity a transform that
-  only separates the mean token (:class:`~stamp_lib.core.transforms.MeanToken`) already gives.
+* The mean-token control (:class:`~stamp_lib.core.transforms.MeanToken`, ``transforms.build("mean")``)
+  is one more transform of a sweep: :meth:`Sweep.gain` compares it with the others.
 
 Quantization is simulated (fake quantization in float32): errors, not speed.
 """
@@ -36,7 +36,7 @@ from ..core import metrics, quant, stats, transforms
 from ..model import capture
 from .seqstats import llama_layer_type, measure
 
-__all__ = ["capture_llm", "Sweep", "sweep", "hp_bits", "energy_profile", "allocations", "mean_share", "klt_per_layer"]
+__all__ = ["capture_llm", "Sweep", "sweep", "hp_bits", "energy_profile", "allocations", "klt_per_layer"]
 
 
 @torch.no_grad()
@@ -169,13 +169,3 @@ def allocations(energy: torch.Tensor, hp_tokens: int, *, hp: int = 8, lp: int = 
     opt = quant.optimal_bits(e, float(two.double().mean()), min_bits=min_bits, max_bits=hp)
     assert int(opt.sum()) == int(two.sum()) == int(ranked.sum())
     return {"two-level": two, "energy-ranked": ranked, "optimal": opt}
-
-
-def mean_share(sw: Sweep, transform: str, bits: str, layer_type: str | None = None, *,
-               mean: str = "mean", base: str = "identity") -> dict:
-    """Per window, the share of ``transform``'s SQNR gain over ``base`` that the mean-token
-    transform already gives: (SQNR_mean - SQNR_base) / (SQNR_t - SQNR_base); mean and t interval
-    over windows (:func:`stamp_lib.core.stats.paired_difference` against zero)."""
-    b = sw.sqnr(base, bits, layer_type)
-    share = (sw.sqnr(mean, bits, layer_type) - b) / (sw.sqnr(transform, bits, layer_type) - b)
-    return stats.paired_difference(torch.zeros_like(share), share, better="higher")
