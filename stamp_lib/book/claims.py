@@ -88,6 +88,14 @@ CLAIMS: dict[str, Claim] = {
         "qualitative (no numbers recovered)",
         ("04_images", "05_ablations"),
     ),
+    "mean_token": Claim(
+        "More than the mean token",
+        "STaMP's gain comes from the correlation between tokens that the transform concentrates "
+        "into a few rows, not only from separating the mean token.",
+        "Sec. 3 (premise)",
+        "not tested: the paper does not separate the mean token's share of the gain",
+        ("05_ablations",),
+    ),
     "w4a4kv4_perplexity": Claim(
         "STaMP lowers LLM perplexity",
         "At W4A4KV4, adding STaMP lowers WikiText-2 perplexity for every baseline (RTN, "

@@ -111,6 +111,8 @@ COLORS = {
     "dct (token 0 apart)": "#56B4E9",
     "dwt (token 0 apart)": "#7BC8A4",
     "mean": "#999933",
+    "static": "#661100",
+    "running": "#44AA99",
     # bit policies (chapter 1)
     "uniform": "#7f7f7f",
     "two-level": "#332288",
@@ -178,6 +180,9 @@ LABELS: dict[str, dict[str, str]] = {
         "dwt": "STaMP (DWT)",
         "dct": "STaMP (DCT)",
         "hadamard + stamp": "Hadamard + STaMP",
+        "mean": "mean token only",
+        "static": "static offset",
+        "running": "running mean",
     },
     "transform": {   # sequence transforms (chapters 1, 2, 4)
         "identity": "identity",
@@ -192,6 +197,8 @@ LABELS: dict[str, dict[str, str]] = {
         "dct (token 0 apart)": "DCT, token 0 apart",
         "dwt (token 0 apart)": "Haar DWT, token 0 apart",
         "mean": "mean token only",
+        "static": "static offset",
+        "running": "running mean",
     },
     "policy": {   # bit policies (chapter 1)
         "uniform": "uniform bits",
