@@ -1,0 +1,84 @@
+"""The runbook's plan (stamp_lib.experiments.runbook) against the code it describes: the memory
+terms equal the bytes that exist on a real (small) model and its prepared weights, the commands
+parse with the command's own parser, and the measured peak of ``recipe.prepare`` is at least the
+terms that the formula names."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import torch
+
+from stamp_lib.experiments import llm
+from stamp_lib.experiments import runbook as R
+from stamp_lib.model import capture, recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = dict(arch="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True)
+QWEN = dict(SMALL, arch="qwen2", tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("shape", [SMALL, QWEN], ids=["llama", "qwen2"])
+def test_memory_terms_are_the_bytes_of_the_model_and_its_prepared_weights(shape):
+    torch.manual_seed(0)
+    meta = R.meta_model(shape)
+    assert next(meta.parameters()).device.type == "meta"
+    model = __import__("transformers").AutoModelForCausalLM.from_config(R._config(shape)).eval()
+    plan = R.memory_plan(model, dtype="float32", weights="gptq", seq_len=32)
+    assert plan.model == sum(t.numel() * t.element_size() for t in model.parameters())
+    assert R.memory_plan(meta, dtype="float32", weights="gptq", seq_len=32) == plan  # meta = real shapes
+    ids = torch.randint(0, shape["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    prep = recipe.prepare(model, llm.llm_recipe("rtn", weights="gptq", seq_len=32, hp_tokens=4), ids,
+                          progress=False)
+    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")}
+    assert set(prep.weights) == set(lin)
+    assert plan.prepared == sum(w.numel() * w.element_size() for w in prep.weights.values())
+    assert plan.folded == 2 * plan.prepared  # float64 copies of float32 weights
+    # one Hessian per input group: the groups the capture layer finds by running the model
+    cap = capture.capture_inputs(model, ids[:1], list(lin), keep=True, progress=False)
+    widths = sorted(x.shape[-1] for x in cap.acts.values())
+    assert plan.hessians == 8 * sum(d * d for d in widths)
+    assert plan.gptq_work == 8 * R.GPTQ_WORK * max(widths) ** 2
+    assert plan.logits == 4 * 32 * shape["vocab_size"]
+    assert R.memory_plan(model, weights="rtn").hessians == 0
+    with pytest.raises(ValueError, match="dtype"):
+        R.memory_plan(model, dtype="int8")
+    with pytest.raises(ValueError, match="weights"):
+        R.memory_plan(model, weights="awq")
+
+
+def test_paper_shapes_give_the_published_parameter_counts():
+    # the checkpoints' totals as their model cards state them (8.03B, 1.24B, 3.21B, 3.09B)
+    published = {"Llama-3-8B": 8.03e9, "Llama-3.2-1B-it": 1.24e9, "Llama-3.2-3B-it": 3.21e9,
+                 "Qwen-2.5-3B-it": 3.09e9}
+    for name, shape in R.PAPER_LLMS.items():
+        p = sum(t.numel() for t in R.meta_model(shape).parameters())
+        assert p == pytest.approx(published[name], rel=0.01), name
+
+
+def test_table2_commands_parse_and_cover_every_cell():
+    cmds = R.table2_commands()
+    n_rows = len(R.TABLE2) - 1  # FP has no STaMP column
+    assert len(cmds) == len(R.PAPER_LLMS) * (1 + n_rows * len(R.STAMP_COLUMNS))
+    assert {(c["method"], c["stamp"]) for c in cmds} == {("fp", "none")} | {
+        (m, s) for m, _ in R.TABLE2[1:] for s in R.STAMP_COLUMNS}
+    for c in cmds:
+        argv = shlex.split(c["command"])
+        assert argv[:4] == ["python", "-m", "stamp_lib", "llm"] and argv[4:] == c["argv"]
+        a = llm._parser().parse_args(argv[4:])
+        assert a.model == R.PAPER_LLMS[c["model"]]["id"] and a.device == "cuda"
+    with pytest.raises(Exception, match="seq-len"):
+        R.table2_commands(seq_len=1)
+
+
+def test_measured_prepare_peak_is_at_least_the_named_terms():
+    shape = dict(SMALL, hidden_size=256, intermediate_size=1024, vocab_size=64)
+    rtn = R.measure_prepare_peak(shape, "rtn", seq_len=32)
+    gptq = R.measure_prepare_peak(shape, "gptq", seq_len=32)
+    for m in (rtn, gptq):
+        assert m["measured"] >= 0.9 * m["formula"], m
+    # what GPTQ adds is at least its Hessians and working set
+    assert gptq["measured"] - rtn["measured"] >= 0.7 * (gptq["plan"].hessians + gptq["plan"].gptq_work)
