@@ -1,7 +1,8 @@
 """``python -m stamp_lib <command> [args]``: the command lines of the experiments.
 
 Commands: ``llm`` (one cell of the LLM table), ``diffusion`` (a galaxy row, or ``diffusion bench``),
-``pixart`` (the PixArt-Sigma protocol), ``bench`` (the benchmarks)."""
+``pixart`` (the PixArt-Sigma protocol), ``bench`` (the benchmarks), ``zeroshot`` (lm-eval zero-shot
+accuracy with and without STaMP, beyond the paper)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import importlib
 import sys
 
 COMMANDS = {"llm": "stamp_lib.experiments.llm", "diffusion": "stamp_lib.experiments.diffusion",
-            "pixart": "stamp_lib.experiments.pixart", "bench": "stamp_lib.experiments.bench"}
+            "pixart": "stamp_lib.experiments.pixart", "bench": "stamp_lib.experiments.bench",
+            "zeroshot": "stamp_lib.experiments.zeroshot"}
 
 
 def main(argv: list[str] | None = None) -> int:
