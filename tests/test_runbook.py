@@ -74,6 +74,19 @@ def test_table2_commands_parse_and_cover_every_cell():
         R.table2_commands(seq_len=1)
 
 
+def test_zeroshot_commands_parse_for_every_model_and_row():
+    from stamp_lib.experiments import zeroshot
+
+    cmds = R.zeroshot_commands()
+    assert len(cmds) == len(R.PAPER_LLMS) * (len(R.TABLE2) - 1)
+    for c in cmds:
+        argv = shlex.split(c["command"])
+        assert argv[:4] == ["python", "-m", "stamp_lib", "zeroshot"]
+        a = zeroshot._parser().parse_args(argv[4:])
+        assert a.tasks.split(",") == list(zeroshot.USUAL_TASKS) and a.stamp == "none,dwt"
+    assert sum("--with-fp" in c["argv"] for c in cmds) == len(R.PAPER_LLMS)
+
+
 def test_measured_prepare_peak_is_at_least_the_named_terms():
     shape = dict(SMALL, hidden_size=256, intermediate_size=1024, vocab_size=64)
     rtn = R.measure_prepare_peak(shape, "rtn", seq_len=32)

@@ -11,6 +11,9 @@ Contract
 * :func:`table2_commands`: the exact ``python -m stamp_lib llm`` command of every cell, each parsed
   and validated by the command's own parser (a flag the CLI does not know fails here, not on a
   user's GPU).
+* :func:`zeroshot_commands`: the ``python -m stamp_lib zeroshot`` command of every model and
+  Table 2 row on lm-eval's usual tasks (:data:`stamp_lib.experiments.zeroshot.USUAL_TASKS`),
+  bit-matched and + STaMP in one run, validated the same way.
 * :func:`memory_plan`: the peak memory of one cell, term by term, from the shapes. With
   ``P`` parameters of ``b`` bytes, ``P_lin`` of them in the decoder's linear layers, ``L`` layers
   whose linears read input groups of widths ``d_g`` (q/k/v share one, gate/up another):
@@ -45,7 +48,7 @@ import torch
 from . import overhead
 
 __all__ = ["PAPER_LLMS", "TABLE2", "GPTQ_WORK", "meta_model", "memory_plan", "table2_commands",
-           "measure_prepare_peak", "MemoryPlan"]
+           "zeroshot_commands", "measure_prepare_peak", "MemoryPlan"]
 
 # Hub ids and the shapes of their config.json (architecture constants, as published)
 PAPER_LLMS = {
@@ -166,6 +169,27 @@ def table2_commands(*, device: str = "cuda", dtype: str = "bfloat16", windows: i
                 llm.validate(a)
                 out.append(dict(model=name, method=method, weights=weights, stamp=stamp, argv=argv,
                                 command="python -m stamp_lib llm " + shlex.join(argv)))
+    return out
+
+
+def zeroshot_commands(*, device: str = "cuda", dtype: str = "bfloat16") -> list[dict]:
+    """Zero-shot accuracy on lm-eval's usual tasks for every model and quantized Table 2 row, the
+    bit-matched baseline and STaMP (DWT) paired in one command (FP with the first), validated by
+    the ``zeroshot`` command's own parser: ``[{model, method, weights, argv, command}]``."""
+    from . import zeroshot
+
+    out = []
+    for name, shape in PAPER_LLMS.items():
+        for k, (method, weights) in enumerate(TABLE2[1:]):
+            argv = ["--model", shape["id"], "--method", method, "--weights", weights, "--stamp", ",".join(STAMP_COLUMNS),
+                    "--tasks", ",".join(zeroshot.USUAL_TASKS), "--device", device, "--dtype", dtype]
+            if k == 0:
+                argv.append("--with-fp")
+            a = zeroshot._parser().parse_args(argv)
+            a.device = None  # the user's machine's
+            zeroshot.validate(a)
+            out.append(dict(model=name, method=method, weights=weights, argv=argv,
+                            command="python -m stamp_lib zeroshot " + shlex.join(argv)))
     return out
 
 
