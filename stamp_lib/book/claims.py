@@ -93,7 +93,7 @@ CLAIMS: dict[str, Claim] = {
         "STaMP's gain comes from the correlation between tokens that the transform concentrates "
         "into a few rows, not only from separating the mean token.",
         "Sec. 3 (premise)",
-        "not tested: the paper does not separate the mean token's share of the gain",
+        "not tested: the paper does not separate the share of the gain that the mean token carries",
         ("05_ablations",),
     ),
     "w4a4kv4_perplexity": Claim(
