@@ -87,6 +87,19 @@ def test_zeroshot_commands_parse_for_every_model_and_row():
     assert sum("--with-fp" in c["argv"] for c in cmds) == len(R.PAPER_LLMS)
 
 
+def test_wrap_keeps_every_word_and_fits_the_width():
+    for c in R.table2_commands() + R.zeroshot_commands():
+        w = R.wrap(c["command"].replace("arc_easy,arc_challenge,boolq,hellaswag,lambada_openai,openbookqa,piqa,"
+                                        "winogrande", '"$TASKS"'))
+        lines = w.splitlines()
+        assert all(len(ln) <= 76 for ln in lines), w
+        assert all(ln.endswith(" \\") for ln in lines[:-1])
+        joined = " ".join(ln.removesuffix(" \\").strip() for ln in lines)
+        assert joined.split() == c["command"].replace(
+            "arc_easy,arc_challenge,boolq,hellaswag,lambada_openai,openbookqa,piqa,winogrande", '"$TASKS"').split()
+    assert R.wrap("a --flag value") == "a --flag value"
+
+
 def test_measured_prepare_peak_is_at_least_the_named_terms():
     shape = dict(SMALL, hidden_size=256, intermediate_size=1024, vocab_size=64)
     rtn = R.measure_prepare_peak(shape, "rtn", seq_len=32)

@@ -48,7 +48,7 @@ import torch
 from . import overhead
 
 __all__ = ["PAPER_LLMS", "TABLE2", "GPTQ_WORK", "meta_model", "memory_plan", "table2_commands",
-           "zeroshot_commands", "measure_prepare_peak", "MemoryPlan"]
+           "zeroshot_commands", "wrap", "measure_prepare_peak", "MemoryPlan"]
 
 # Hub ids and the shapes of their config.json (architecture constants, as published)
 PAPER_LLMS = {
@@ -191,6 +191,28 @@ def zeroshot_commands(*, device: str = "cuda", dtype: str = "bfloat16") -> list[
             out.append(dict(model=name, method=method, weights=weights, argv=argv,
                             command="python -m stamp_lib zeroshot " + shlex.join(argv)))
     return out
+
+
+def wrap(command: str, width: int = 76) -> str:
+    """``command`` (a line of space-separated words, as :func:`table2_commands` writes them) as shell
+    lines of at most ``width`` characters, continued with a backslash and indented; a flag stays
+    with its value (a word longer than a line gets a line of its own)."""
+    words = command.split()
+    units, i = [], 0
+    while i < len(words):
+        take = 2 if words[i].startswith("--") and i + 1 < len(words) and not words[i + 1].startswith("--") else 1
+        units.append(" ".join(words[i:i + take]))
+        i += take
+    lines, cur = [], ""
+    for u in units:
+        room = width - 2 - (4 if lines else 0)  # " \" and the indent of continuation lines
+        if cur and len(cur) + 1 + len(u) > room:
+            lines.append(cur)
+            cur = u
+        else:
+            cur = f"{cur} {u}" if cur else u
+    lines.append(cur)
+    return " \\\n".join(lines[:1] + ["    " + ln for ln in lines[1:]])
 
 
 def _status_kib(field: str) -> int:
