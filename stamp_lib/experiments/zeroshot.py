@@ -554,25 +554,6 @@ def _cli_recipe(a, stamp: str, max_length: int = DEFAULT_MAX_LENGTH) -> Recipe:
         raise cli.BadInput("arguments", str(e)) from None
 
 
-def _check_model(a) -> None:
-    key = a.model.strip().lower()
-    if key in models.ALIASES:
-        try:
-            models.gemma_part_paths() if key.startswith("gemma") else models.smollm2_gguf_path()
-        except models.ModelPackageMissing as e:
-            raise cli.BadInput(f"--model {a.model}", f"{e}; {cli.MODEL_PACKAGES_HINT}") from None
-    elif Path(a.model).expanduser().exists():
-        if not (Path(a.model).expanduser() / "config.json").is_file():
-            raise cli.BadInput(f"--model {a.model}", "is not a Hugging Face checkpoint folder (no config.json); pass a "
-                                                     "folder written by save_pretrained, or one of "
-                                                     + ", ".join(sorted(models.ALIASES)))
-    elif llm._local_config(a.model) is None:
-        raise cli.BadInput(f"--model {a.model}", f"is not a built-in name ({', '.join(sorted(models.ALIASES))}), not a "
-                                                 "local folder, and not in the local Hugging Face cache; pass a "
-                                                 f"checkpoint folder, or `huggingface-cli download {a.model}` on a "
-                                                 "machine with network access and copy the cache here")
-
-
 @contextlib.contextmanager
 def _lm_eval_logs(level: int):
     lg = logging.getLogger("lm_eval")
@@ -606,7 +587,7 @@ def main(argv=None) -> dict:
             load_tasks(tasks, a.include_path)  # unknown names, missing datasets: before the model loads
         except ZeroShotInputError as e:
             raise cli.BadInput(f"--tasks {a.tasks}", str(e)) from None
-        _check_model(a)
+        llm.check_inputs(a)  # the model (and the calibration text) are installed; one line otherwise
         first = _cli_recipe(a, stamps[0])
         if first.needs_calibration():
             try:
