@@ -252,3 +252,21 @@ def test_layer_inputs_are_the_hidden_states_entering_layer_0():
     assert torch.equal(x, hs[0])
     out = blocks.layer_outputs(layers[0], x, kws[0], batch_size=2)
     torch.testing.assert_close(out, hs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_hessian_taken_in_place_is_the_mean():
+    """``take()`` gives H in the running sum's memory (the same values as ``H``); in-place sums are the sums."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
+    acc, ref = gptq.HessianAccumulator(), torch.zeros(8, 8, dtype=torch.float64)
+    for x in xs:
+        acc.add(x)
+        ref = ref + (x.reshape(-1, 8).T @ x.reshape(-1, 8)).double()
+    H = acc.H
+    assert torch.equal(H, ref / 30)
+    ptr = acc.sum.data_ptr()
+    taken = acc.take()
+    assert torch.equal(taken, H) and taken.data_ptr() == ptr
+    assert acc.sum is None and acc.count == 0
+    with pytest.raises(ValueError, match="no samples"):
+        acc.take()

@@ -101,7 +101,8 @@ LINEARS = "model.layers.*"
 def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, levels: int | None = None,
                seq_len: int = 2048, a_bits: int = 4, w_bits: int = 4, kv_bits: int | None = 4, hp_tokens: int = 64,
                hp_bits: int = 8, kv_stamp: bool = False, alpha: float = 0.5, hadamard_seed: int | None = 0,
-               patterns=LINEARS, flatquant: dict | None = None) -> Recipe:
+               patterns=LINEARS, flatquant: dict | None = None, gptq_act_order: bool = False,
+               gptq_damp: float = 0.01, gptq_sequential: bool = False) -> Recipe:
     """The recipe of one Table 2 cell (see the module docstring). ``stamp``: ``None``/``"none"``
     (bit-matched baseline) or a sequence transform; ``hp_tokens=0``: uniform ``a_bits`` (and
     ``kv_bits``) on every token, no high-precision rows; ``kv_bits=None`` leaves K/V in full
@@ -110,7 +111,10 @@ def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, l
     signs of QuaRot's residual rotation (``quarot``) or of the per-linear rotations (``hadamard``);
     ``None``: a plain Hadamard; for ``flatquant`` the seed of its transforms' random start.
     ``flatquant``: :class:`~stamp_lib.model.flatquant.FlatQuantConfig` options (``epochs``,
-    ``batch_size``, ``lr``, ``alpha``, ``lwc``, ``lac``); the published ones by default."""
+    ``batch_size``, ``lr``, ``alpha``, ``lwc``, ``lac``); the published ones by default.
+    ``gptq_act_order``, ``gptq_damp``, ``gptq_sequential``: GPTQ's column order, damping and
+    layer-by-layer calibration (:class:`~stamp_lib.model.recipe.WeightQuant`); used with
+    ``weights="gptq"`` only (the RTN rows' recipes are the same whatever they are)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     stamp = None if stamp in (None, "none", "identity") else stamp
@@ -133,7 +137,8 @@ def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, l
     if kv_bits:
         ktr = tr if kv_stamp else "identity"
         kv = ActQuant(bits=bits(kv_bits), transform=ktr, levels=lv if ktr == "dwt" else None)
-    weight = WeightQuant(bits=w_bits, method=weights)
+    gkw = dict(act_order=gptq_act_order, damp=gptq_damp, sequential=gptq_sequential) if weights == "gptq" else {}
+    weight = WeightQuant(bits=w_bits, method=weights, **gkw)
     if method == "quarot":
         rule = Rule(patterns, act=act, weight=weight)
         return Recipe((rule,), kv=kv, name=name, network="quarot", network_seed=hadamard_seed)

@@ -591,12 +591,14 @@ def _sequential_gptq(model, recipe, resolved, prep, names, calib, forward, batch
         layer, kw = layers[i], kws[i]
         pending = per_layer.get(i, [])
         while pending:
-            H, group = _next_group_hessian(model, wo, prep, resolved, layer, pending, x, kw, batch_size)
+            acc, group = _next_group_hessian(model, wo, prep, resolved, layer, pending, x, kw, batch_size)
+            H = acc.take()  # in the accumulator's memory: one d x d matrix
+            del acc
             parts: dict[tuple, list[str]] = {}  # one input, but possibly other settings or transforms
             for n in group:
                 parts.setdefault((id(prep.features.get(n)), resolved[n][1].weight), []).append(n)
             for (_, wq), members in parts.items():
-                _gptq_group(prep, resolved, members, H.H, wq)
+                _gptq_group(prep, resolved, members, H, wq)
                 bar.update(len(members))
             del H
             pending = [n for n in pending if n not in group]
