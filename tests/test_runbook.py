@@ -90,6 +90,9 @@ def test_table2_commands_parse_and_cover_every_cell():
         assert argv[:4] == ["python", "-m", "stamp_lib", "llm"] and argv[4:] == c["argv"]
         a = llm._parser().parse_args(argv[4:])
         assert a.model == R.PAPER_LLMS[c["model"]]["id"] and a.device == "cuda"
+        # the papers' protocol: WikiText-2, every test window, 128 x 2048 calibration tokens, GPTQ layer by layer
+        assert (a.dataset, a.windows, a.calib_windows, a.seq_len) == ("wikitext2", "all", 128, 2048)
+        assert a.gptq_sequential == (c["weights"] == "gptq")
     with pytest.raises(Exception, match="seq-len"):
         R.table2_commands(seq_len=1)
 

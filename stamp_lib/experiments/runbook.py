@@ -190,10 +190,13 @@ def memory_plan_all_at_once(model_or_shape, *, dtype: str = "bfloat16", weights:
                    formulas={**one.formulas, "folded": "8 P_lin (every linear at once)"})
 
 
-def table2_commands(*, device: str = "cuda", dtype: str = "bfloat16", windows: int = 80, calib_windows: int = 128,
-                    seq_len: int = 2048) -> list[dict]:
+def table2_commands(*, device: str = "cuda", dtype: str = "bfloat16", windows: int | str = "all",
+                    calib_windows: int = 128, seq_len: int = 2048, dataset: str = "wikitext2") -> list[dict]:
     """Every cell of Table 2 as one ``python -m stamp_lib llm`` command, validated by the command's
-    own parser: ``[{model, method, weights, stamp, argv, command}]`` (FP once per model)."""
+    own parser: ``[{model, method, weights, stamp, argv, command}]`` (FP once per model). By default
+    the papers' protocol: WikiText-2 (``--dataset wikitext2``), every test window, 128 calibration
+    windows of ``seq_len`` tokens; GPTQ layer by layer (``--gptq-sequential``: the published order,
+    and what fits an 8B model on one GPU, :func:`memory_plan`)."""
     from . import llm
 
     out = []
@@ -201,8 +204,10 @@ def table2_commands(*, device: str = "cuda", dtype: str = "bfloat16", windows: i
         for method, weights in TABLE2:
             for stamp in STAMP_COLUMNS if method != "fp" else ("none",):
                 argv = ["--model", shape["id"], "--method", method, "--weights", weights, "--stamp", stamp,
-                        "--seq-len", str(seq_len), "--windows", str(windows), "--calib-windows", str(calib_windows),
-                        "--device", device, "--dtype", dtype]
+                        "--dataset", dataset, "--seq-len", str(seq_len), "--windows", str(windows),
+                        "--calib-windows", str(calib_windows), "--device", device, "--dtype", dtype]
+                if weights == "gptq":
+                    argv.append("--gptq-sequential")
                 a = llm._parser().parse_args(argv)
                 a.device = None  # the device is the user's machine's; every other argument is checked here
                 llm.validate(a)
