@@ -12,7 +12,11 @@ Applying a recipe is two steps:
    diagonal scale from calibration statistics) and the weight :math:`W' = Q_w(W R^{-\top})`
    quantized in that basis (round-to-nearest, or GPTQ with the Hessian of the calibration inputs,
    rotated with R). The result depends only on the rules' feature and weight settings (and the network
-   preparation), so one preparation serves a recipe with and without STaMP.
+   preparation), so one preparation serves a recipe with and without STaMP. Weights are folded (in
+   float64) and quantized one linear, or one GPTQ group, at a time. GPTQ's Hessians come from one
+   calibration pass of the full-precision model (all held at once), or with
+   ``WeightQuant(sequential=True)`` decoder layer by decoder layer, one at a time, from the inputs
+   of the layers quantized before (GPTQ's and QuaRot's order; :mod:`stamp_lib.model.blocks`).
 
    ``Recipe(..., network="quarot", network_seed=s)`` adds QuaRot as a model-level step first
    (:mod:`stamp_lib.model.quarot`): the plan's parameters (norms fused, residual stream rotated,
@@ -406,7 +410,10 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
     """Run the recipe's methods on calibration data; see the module docstring.
 
     ``calib``: what :func:`stamp_lib.model.capture.capture_inputs` accepts (e.g. token windows (n, s));
-    needed only for SmoothQuant or GPTQ (an error says so when it is missing). Modules that share
+    needed only for SmoothQuant or GPTQ (an error says so when it is missing); token windows (n, s)
+    for GPTQ with ``sequential=True``, which runs the decoder layer by layer (``batch_size`` windows
+    per layer call) and holds one group's Hessian and the windows' hidden states at one layer
+    boundary instead of every layer's Hessians. Modules that share
     one input tensor (q/k/v, gate/up) share SmoothQuant scales, computed with the largest weight
     magnitude over the group (as when the scale is folded into the preceding norm).
 
