@@ -598,7 +598,7 @@ def _sequential_gptq(model, recipe, resolved, prep, names, calib, forward, batch
         layer, kw = layers[i], kws[i]
         pending = per_layer.get(i, [])
         while pending:
-            acc, group = _next_group_hessian(model, wo, prep, resolved, layer, pending, x, kw, batch_size)
+            acc, group = _next_group_hessian(model, wo, prep, layer, pending, x, kw, batch_size)
             H = acc.take()  # in the accumulator's memory: one d x d matrix
             del acc
             parts: dict[tuple, list[str]] = {}  # one input, but possibly other settings or transforms
@@ -623,7 +623,7 @@ def _partial(wo: Recipe, prep: Prepared) -> Prepared:
                     features={n: F for n, F in prep.features.items() if n in prep.weights})
 
 
-def _next_group_hessian(model, wo, prep, resolved, layer, pending, x, kw, batch_size):
+def _next_group_hessian(model, wo, prep, layer, pending, x, kw, batch_size):
     """``(HessianAccumulator, members)``: the Hessian of the first input that a linear of ``pending``
     reads when ``layer`` runs on the windows of ``x`` (everything prepared so far quantized), and the
     pending linears fed that same tensor (:func:`stamp_lib.model.capture.capturing`'s dedup), in
