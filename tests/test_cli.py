@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 from stamp_lib.core import transforms
 from stamp_lib.experiments import bench, cli, diffusion, llm, pixart
+from stamp_lib.model.recipe import WeightQuant
+from stamp_lib.zoo import text
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -104,6 +106,10 @@ LLM_VALID = {
     "--device": st.sampled_from([None, "cpu"]),
     "--dtype": st.sampled_from(["float32", "bfloat16"]),
     "--threads": st.integers(0, 2),
+    "--dataset": st.sampled_from(llm.DATASETS),
+    "--gptq-damp": st.sampled_from([0.0, 0.01, 0.1]),
+    "--gptq-act-order": st.just(False),
+    "--gptq-sequential": st.just(False),
 }
 LLM_WILD = {
     "--model": st.sampled_from(["smollm2-135m", "gemma3-270m"]),
@@ -125,6 +131,10 @@ LLM_WILD = {
     "--device": DEVICES,
     "--dtype": st.sampled_from(["float32", "bfloat16", "float16"]),
     "--threads": st.integers(-1, 3),
+    "--dataset": st.sampled_from(llm.DATASETS),
+    "--gptq-damp": st.sampled_from([-0.1, 0.0, 0.01, 0.5, 1.0, 1.5]),
+    "--gptq-act-order": st.booleans(),
+    "--gptq-sequential": st.booleans(),
 }
 LLM_OPTS = _mostly_valid(LLM_VALID, LLM_WILD)
 
@@ -137,6 +147,8 @@ def _llm_spec(o: dict) -> bool:
     needs_calib = o["--method"] in ("smoothquant", "flatquant") or (o["--method"] != "fp" and o["--weights"] == "gptq")
     flat_ok = o["--method"] != "flatquant" or (o["--weights"] == "rtn" and o["--calib-windows"] % 4 == 0)
     lv = o["--levels"]
+    gptq_flags_ok = not (o["--gptq-act-order"] or o["--gptq-sequential"]) or (
+        o["--weights"] == "gptq" and o["--method"] not in ("fp", "flatquant"))
     return (s >= 2 and o["--windows"] >= 1 and o["--calib-windows"] >= 0 and o["--batch-size"] >= 1
             and o["--threads"] >= 0 and bits_ok and 0 <= o["--hp-tokens"] <= s and 0 <= o["--alpha"] <= 1
             and not (o["--method"] == "fp" and o["--stamp"] != "none")
@@ -144,7 +156,8 @@ def _llm_spec(o: dict) -> bool:
             and not (o["--kv-stamp"] and (o["--method"] == "fp" or o["--stamp"] == "none" or o["--kv-bits"] == 0))
             and _device_ok(o["--device"])
             and not (o["--model"].startswith("gemma") and o["--dtype"] == "float16")
-            and not (needs_calib and o["--calib-windows"] < 1) and flat_ok)
+            and not (needs_calib and o["--calib-windows"] < 1) and flat_ok
+            and gptq_flags_ok and 0 <= o["--gptq-damp"] < 1)
 
 
 @SETTINGS
@@ -162,6 +175,11 @@ def test_llm_arguments_run_or_exit_2_with_one_line(o):
         assert 1 <= act.levels <= transforms.max_levels_1d(a.seq_len)
         assert a.levels in (None, act.levels)  # never a cap applied behind the record's back
     assert a.hp_tokens <= a.seq_len
+    w = r.rules[0].weight
+    if w is not None and w.method == "gptq":
+        assert (w.act_order, w.sequential, w.damp) == (a.gptq_act_order, a.gptq_sequential, a.gptq_damp)
+    elif w is not None:
+        assert w == WeightQuant(bits=a.w_bits, method=w.method)  # GPTQ's knobs leave the RTN recipe as it was
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -303,6 +321,12 @@ BAD = [
     (["-m", "stamp_lib", "llm", "--stamp", "dwt", "--levels", "20", "--seq-len", "256"], "at most ceil(log2 256) = 8"),
     (["-m", "stamp_lib", "llm", "--model", "gemma3-270m", "--dtype", "float16"], "bfloat16"),
     (["-m", "stamp_lib", "llm", "--model", "no-such/model"], "--model no-such/model"),
+    (["-m", "stamp_lib", "llm", "--dataset", "wikitext2", "--dataset-path", "no-such-folder"],
+     "--dataset-path no-such-folder: no such folder"),
+    (["-m", "stamp_lib", "llm", "--dataset-path", "."], "add --dataset wikitext2"),
+    (["-m", "stamp_lib", "llm", "--gptq-sequential"], "--gptq-sequential: applies to GPTQ weights"),
+    (["-m", "stamp_lib", "llm", "--weights", "gptq", "--gptq-damp", "1.5"], "--gptq-damp 1.5"),
+    (["-m", "stamp_lib", "llm", "--windows", "some"], "--windows"),
     (["-m", "stamp_lib", "diffusion", "--images", "0"], "--images 0"),
     (["-m", "stamp_lib", "diffusion", "bench", "--repeats", "0"], "--repeats 0"),
     (["-m", "stamp_lib", "pixart", "--seeds", "0"], "--seeds 0"),
@@ -315,8 +339,8 @@ if not HAS_CUDA:
     BAD.append((["-m", "stamp_lib", "llm", "--device", "cuda"], "torch.cuda.is_available() is False"))
 
 
-def _run(args, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def _run(args, env_extra=None, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, **kw)
 
 
@@ -326,6 +350,59 @@ def test_bad_input_exits_2_with_one_line(args, says):
     assert p.returncode == 2, p.stderr
     assert p.stdout == "" and "Traceback" not in p.stderr
     assert p.stderr.count("\n") == 1 and says in p.stderr, p.stderr
+
+
+def test_missing_wikitext2_exits_2_with_how_to_get_it(tmp_path):
+    """``--dataset wikitext2`` with nothing in the datasets cache (offline): one line naming the
+    command that fetches it, exit 2, before any model is loaded (a folder with a config.json passes
+    the model check)."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    p = _run(["-m", "stamp_lib", "llm", "--model", str(tmp_path / "ckpt"), "--dataset", "wikitext2"],
+             env_extra={"HF_DATASETS_CACHE": str(tmp_path / "empty"), "HF_DATASETS_OFFLINE": "1"})
+    assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("python -m stamp_lib llm: error: --dataset wikitext2: ")
+    assert "load_dataset('wikitext', 'wikitext-2-raw-v1')" in p.stderr and "HF_DATASETS_OFFLINE=1" in p.stderr
+
+
+@pytest.mark.models
+def test_wikitext2_cell_from_a_local_copy(tmp_path, monkeypatch):
+    """A SmolLM2 cell on a tiny local copy of WikiText-2 (save_to_disk layout): the windows it
+    evaluates are the test split's stream windows, its calibration windows (SmoothQuant's here)
+    GPTQ's random draw with seed --draw; the record says so and its command spells it out."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from stamp_lib.model import recipe as rcp
+    from stamp_lib.zoo import models
+
+    arts = text.wiki_articles()
+    lines = {}
+    for split, (lo, hi) in (("train", (0, 2)), ("test", (2, 3))):
+        lines[split] = [x for t, body in arts[lo:hi] for x in ["", f" = {t} = \n", ""] + [f" {b} \n" for b in
+                                                                                            body.split("\n")]]
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in lines.items()}).save_to_disk(
+        tmp_path / "w2")
+    seen = {}
+    real_prepare, real_eval = rcp.prepare, llm._evaluate
+    monkeypatch.setattr(rcp, "prepare", lambda m, r, calib, **kw: seen.setdefault("calib", []).append(calib)
+                        or real_prepare(m, r, calib, **kw))
+    monkeypatch.setattr(llm, "_evaluate", lambda m, w, *a, **kw: seen.setdefault("eval", []).append(w)
+                        or real_eval(m, w, *a, **kw))
+    tok = AutoTokenizer.from_pretrained(models.gguf_checkpoint(models.smollm2_gguf_path(), "smollm2"))
+    rec = llm.main(["--model", "smollm2-135m", "--dataset", "wikitext2", "--dataset-path", str(tmp_path / "w2"),
+                    "--windows", "2", "--seq-len", "64", "--hp-tokens", "8", "--method", "smoothquant",
+                    "--calib-windows", "2", "--draw", "1", "--threads", "1", "--cells", str(tmp_path / "cells"),
+                    "--out", str(tmp_path / "r.json"), "--quiet", "--no-resume"])
+    assert torch.equal(seen["eval"][0], text.stream_windows(tok, lines["test"], 64, 2))
+    assert torch.equal(seen["calib"][0], text.random_windows(tok, lines["train"], 64, 2, seed=1))
+    assert not torch.equal(seen["calib"][0], text.random_windows(tok, lines["train"], 64, 2, seed=0))
+    assert rec["dataset"]["name"] == "wikitext2" and rec["dataset"]["calibration_seed"] == 1
+    assert rec["dataset"]["test_windows_available"] == len(text.joined_ids(tok, lines["test"])) // 64
+    assert rec["windows"] == 2 and "WikiText-2" in rec["protocol"] and "seed 1" in rec["windows_drawn"]
+    cmd = shlex.split(rec["command"])
+    assert cmd[cmd.index("--dataset") + 1] == "wikitext2" and cmd[cmd.index("--dataset-path") + 1] == str(tmp_path / "w2")
+    assert math.isfinite(rec["eval"]["mean_nll"])
 
 
 @pytest.mark.models

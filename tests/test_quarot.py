@@ -275,6 +275,45 @@ def test_gptq_sees_the_rotated_inputs():
         assert err["gptq"] < 0.7 * err["rtn"], (n, err)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sequential_gptq_on_the_rotated_network_differs_only_where_expected(arch):
+    """GPTQ layer by layer (``sequential=True``, the published order of QuaRot's ``gptq_fwrd``) inside
+    QuaRot: layer 0's q/k/v read the same rotated inputs as in the one-pass preparation (nothing is
+    quantized before them), so their weights are identical; every later group's Hessian comes from
+    the inputs of the weight-quantized layers before it, so its weights differ. On the inputs that
+    the sequentially quantized network feeds its online-rotated layers, its weights' output error is
+    well below RTN's, and the model is restored."""
+    model = tiny(arch).float()
+    snap = snapshot(model)
+    preps = {}
+    for name, wq in (("rtn", WeightQuant(3)), ("once", WeightQuant(3, method="gptq")),
+                     ("seq", WeightQuant(3, method="gptq", sequential=True))):
+        r = Recipe(Rule("model.layers.*", weight=wq), network="quarot", network_seed=0)
+        preps[name] = (r, recipe.prepare(model, r, CALIB, progress=False))
+    assert_restored(model, snap)
+    seq, once = preps["seq"][1], preps["once"][1]
+    assert seq.info["gptq"] == "sequential" and seq.features.keys() == once.features.keys()
+    first = {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    for n in once.weights:
+        assert torch.equal(seq.weights[n], once.weights[n]) == (n in first), n
+    # the inputs of the rotated, weight-quantized network (activations in full precision)
+    X = {}
+    r = Recipe(Rule("model.layers.*", weight=WeightQuant(3, method="gptq", sequential=True)), network="quarot",
+               network_seed=0)
+    with recipe.apply(model, r, seq, observe=lambda n, xr, out: X.setdefault(n, []).append(xr.reshape(-1, xr.shape[-1]))):
+        logits(model, CALIB)
+    fp = recipe.prepare(model, Recipe(Rule("model.layers.*"), network="quarot", network_seed=0), progress=False)
+    assert X and set(X) <= set(fp.weights)
+    for n, xs in X.items():
+        x = torch.cat(xs).double()
+        W = fp.weights[n].double()
+        err = {m: float((x @ (preps[m][1].weights[n].double() - W).T).pow(2).sum()) for m in ("rtn", "seq")}
+        assert err["seq"] < 0.7 * err["rtn"], (n, err)
+    with recipe.apply(model, r, seq):
+        assert torch.isfinite(logits(model)).all()
+    assert_restored(model, snap)
+
+
 def test_kv_quantization_with_quarot_quantizes_the_rotated_keys():
     model = tiny("llama").float()
     ref = logits(model)

@@ -136,3 +136,115 @@ def test_real_tokenizer_windows_decode_to_the_articles():
     assert n_eos == len(ev) - 1
     cw = text.token_windows(tok, cal, 512)
     assert not (set(map(tuple, cw.tolist())) & set(map(tuple, w.tolist())))
+
+
+# ----------------------------------------------------------------------------- WikiText-2
+class LineTokenizer:
+    """A stand-in for a tokenizer called on one long string, as the published evaluation calls it:
+    one id per whitespace word, one id for a blank line, and BOS (id 1) first by default (as
+    Llama-3's tokenizer does)."""
+
+    def __init__(self):
+        self.vocab = {}
+        self.calls = 0
+
+    def __call__(self, t, add_special_tokens=True, verbose=False):
+        assert isinstance(t, str)
+        self.calls += 1
+        ids = [self.vocab.setdefault(w, len(self.vocab) + 2) for w in re.findall(r"\n\n|\S+", t)]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def _wikitext_like(articles, lo, hi):
+    """Lines laid out as wikitext-2-raw-v1's: blank, " = Title = ", blank, then paragraphs."""
+    out = []
+    for title, body in articles[lo:hi]:
+        out += ["", f" = {title} = \n", ""] + [f" {line} \n" for line in body.split("\n")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def wt2_lines(articles):
+    return {"train": _wikitext_like(articles, 0, 4), "test": _wikitext_like(articles, 4, 6)}
+
+
+def test_wikitext2_is_read_from_a_local_copy(wt2_lines, tmp_path):
+    """A folder written by save_to_disk and one with the Hub repository's parquet files give the
+    same lines, empty ones included."""
+    import datasets
+
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in wt2_lines.items()})
+    dd.save_to_disk(tmp_path / "disk")
+    assert text.wikitext2(tmp_path / "disk") == wt2_lines
+    hub = tmp_path / "hub" / "wikitext-2-raw-v1"
+    hub.mkdir(parents=True)
+    for k, d in dd.items():
+        d.to_parquet(hub / f"{k}-00000-of-00001.parquet")
+    assert text.wikitext2(tmp_path / "hub", cache_dir=str(tmp_path / "cache")) == wt2_lines
+
+
+def test_missing_wikitext2_says_how_to_get_it(tmp_path, monkeypatch):
+    # offline (conftest) with an empty cache: nothing to read, one line with the command that fetches it
+    with pytest.raises(text.TextDataMissing) as e:
+        text.wikitext2(cache_dir=str(tmp_path / "empty"))
+    msg = str(e.value)
+    assert "\n" not in msg and "load_dataset('wikitext', 'wikitext-2-raw-v1')" in msg
+    assert "HF_DATASETS_OFFLINE=1" in msg and "--dataset-path" in msg
+    with pytest.raises(text.TextDataMissing, match="is not a folder"):
+        text.wikitext2(tmp_path / "nothing-here")
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a b"]})}).save_to_disk(tmp_path / "half")
+    with pytest.raises(text.TextDataMissing, match=r"lacks the split\(s\) \['test'\]"):
+        text.wikitext2(tmp_path / "half")
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # not installed
+    with pytest.raises(text.TextDataMissing, match=re.escape("pip install datasets==5.2.0")):
+        text.wikitext2(tmp_path / "half")
+
+
+def test_wikitext2_windows_are_the_published_protocol(wt2_lines):
+    """Evaluation: the lines joined by blank lines, tokenized once (one BOS), non-overlapping windows,
+    tail dropped. Calibration: GPTQ's draw (random.seed(seed); randint(0, N - seqlen - 1) per
+    window), written here as the reference code does it, on the global generator."""
+    import random
+
+    tok = LineTokenizer()
+    ids = tok("\n\n".join(wt2_lines["test"]))["input_ids"]
+    w = text.stream_windows(tok, wt2_lines["test"], 50, cache=False)
+    n = len(ids) // 50
+    assert w.shape == (n, 50) and n > 20 and torch.equal(w.flatten(), torch.tensor(ids[:n * 50]))
+    assert int((w == 1).sum()) == 1 and w[0, 0] == 1  # BOS once, at the start of the stream
+    assert torch.equal(text.stream_windows(tok, wt2_lines["test"], 50, 3, cache=False), w[:3])
+    with pytest.raises(ValueError, match=f"{n} windows"):
+        text.stream_windows(tok, wt2_lines["test"], 50, n + 1, cache=False)
+    train = tok("\n\n".join(wt2_lines["train"]))["input_ids"]
+    state = random.getstate()
+    random.seed(3)
+    ref = []
+    for _ in range(5):
+        i = random.randint(0, len(train) - 50 - 1)
+        ref.append(train[i:i + 50])
+    random.setstate(state)
+    got = text.random_windows(tok, wt2_lines["train"], 50, 5, seed=3, cache=False)
+    assert torch.equal(got, torch.tensor(ref))
+    assert random.getstate() == state  # a private generator: the caller's random state is untouched
+    assert not torch.equal(text.random_windows(tok, wt2_lines["train"], 50, 5, seed=4, cache=False), got)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        text.random_windows(tok, ["a b c"], 50, 1, cache=False)
+
+
+def test_eval_data_keeps_the_stand_in_as_default(wt2_lines, tmp_path):
+    import datasets
+
+    from stamp_lib.experiments import llm
+
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in wt2_lines.items()}).save_to_disk(
+        tmp_path / "w2")
+    tok = LineTokenizer()
+    ev, cal = llm.eval_data(tok, 40, None, 2, dataset="wikitext2", path=tmp_path / "w2", seed=1)
+    assert torch.equal(ev, text.stream_windows(tok, wt2_lines["test"], 40, cache=False))
+    assert torch.equal(cal, text.random_windows(tok, wt2_lines["train"], 40, 2, seed=1, cache=False))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        llm.eval_data(tok, 40, 1, dataset="c4")
+    with pytest.raises(ValueError, match="needs dataset='wikitext2'"):
+        llm.eval_data(WordTokenizer(), 40, 1, path=tmp_path / "w2")

@@ -180,6 +180,9 @@ def _one_line_exit_2(capsys, argv, says):
     (["--stamp", "dwt", "--batch-size", "2"], ["--batch-size 1"]),
     (["--include-path", "no/such/dir"], ["is not a folder"]),
     (["--hp-tokens", "-1"], ["--hp-tokens -1"]),
+    (["--dataset-path", "x"], ["--dataset-path x", "add --dataset wikitext2"]),
+    (["--dataset", "wikitext2", "--dataset-path", "no/such/dir"], ["no such folder"]),
+    (["--dataset", "wikitext2"], ["--dataset wikitext2"]),  # offline, not in the datasets cache
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(capsys, extra, says):
     base = ["--tasks", TASK, "--include-path", str(DATA)]

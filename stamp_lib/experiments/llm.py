@@ -50,6 +50,21 @@ Command line (one table cell)::
 
     python -m stamp_lib llm --model smollm2-135m --method quarot --weights gptq --stamp dwt --kv-bits 4 --windows 8 --draw 1
     python -m stamp_lib llm --model meta-llama/Meta-Llama-3-8B --device-map auto --method rtn --stamp dwt
+    python -m stamp_lib llm --model meta-llama/Meta-Llama-3-8B --device cuda --dtype bfloat16 --dataset wikitext2 \
+        --windows all --method quarot --weights gptq --gptq-sequential --calib-windows 128 --stamp dwt
+
+Data: ``--dataset wiki`` (default) is the Wikipedia stand-in above; ``--dataset wikitext2`` is the
+papers' WikiText-2 (``wikitext-2-raw-v1`` through the ``datasets`` package, or a local copy with
+``--dataset-path``; :mod:`stamp_lib.zoo.text`): evaluation on the test split joined with blank
+lines, tokenized once and cut into non-overlapping windows (``--windows all``: every one, as the
+papers report), calibration on ``--calib-windows`` random windows of the train split drawn as
+GPTQ's ``get_wikitext2`` draws them (seed ``--draw``). GPTQ's knobs: ``--gptq-damp`` (0.01),
+``--gptq-act-order``, ``--gptq-sequential`` (layer by layer, GPTQ's and QuaRot's order, one
+Hessian held at a time: see :class:`~stamp_lib.model.recipe.WeightQuant`). ``--calib-windows``
+stays 8 by default for every model (the built-in small models on a CPU); the paper's 128 windows
+of 2048 tokens are spelled out in the runbook's commands
+(:func:`stamp_lib.experiments.runbook.table2_commands`) rather than hidden behind a default that
+would depend on the model's name.
 
 Bad arguments are refused before anything loads, with one line and exit status 2
 (:mod:`stamp_lib.experiments.cli`); ``--quiet`` prints only the result line. The results file
@@ -96,12 +111,14 @@ __all__ = ["METHODS", "LINEARS", "llm_recipe", "Eval", "evaluate", "paired", "ev
 
 STAMPS = ("none", "dwt", "dct", "wht")
 LINEARS = "model.layers.*"
+DATASETS = ("wiki", "wikitext2")
 
 
 def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, levels: int | None = None,
                seq_len: int = 2048, a_bits: int = 4, w_bits: int = 4, kv_bits: int | None = 4, hp_tokens: int = 64,
                hp_bits: int = 8, kv_stamp: bool = False, alpha: float = 0.5, hadamard_seed: int | None = 0,
-               patterns=LINEARS, flatquant: dict | None = None) -> Recipe:
+               patterns=LINEARS, flatquant: dict | None = None, gptq_act_order: bool = False,
+               gptq_damp: float = 0.01, gptq_sequential: bool = False) -> Recipe:
     """The recipe of one Table 2 cell (see the module docstring). ``stamp``: ``None``/``"none"``
     (bit-matched baseline) or a sequence transform; ``hp_tokens=0``: uniform ``a_bits`` (and
     ``kv_bits``) on every token, no high-precision rows; ``kv_bits=None`` leaves K/V in full
@@ -110,7 +127,10 @@ def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, l
     signs of QuaRot's residual rotation (``quarot``) or of the per-linear rotations (``hadamard``);
     ``None``: a plain Hadamard; for ``flatquant`` the seed of its transforms' random start.
     ``flatquant``: :class:`~stamp_lib.model.flatquant.FlatQuantConfig` options (``epochs``,
-    ``batch_size``, ``lr``, ``alpha``, ``lwc``, ``lac``); the published ones by default."""
+    ``batch_size``, ``lr``, ``alpha``, ``lwc``, ``lac``); the published ones by default.
+    ``gptq_act_order``, ``gptq_damp``, ``gptq_sequential``: GPTQ's column order, damping and
+    layer-by-layer calibration (:class:`~stamp_lib.model.recipe.WeightQuant`); used with
+    ``weights="gptq"`` only (the RTN rows' recipes are the same whatever they are)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     stamp = None if stamp in (None, "none", "identity") else stamp
@@ -133,7 +153,8 @@ def llm_recipe(method: str, *, weights: str = "rtn", stamp: str | None = None, l
     if kv_bits:
         ktr = tr if kv_stamp else "identity"
         kv = ActQuant(bits=bits(kv_bits), transform=ktr, levels=lv if ktr == "dwt" else None)
-    weight = WeightQuant(bits=w_bits, method=weights)
+    gkw = dict(act_order=gptq_act_order, damp=gptq_damp, sequential=gptq_sequential) if weights == "gptq" else {}
+    weight = WeightQuant(bits=w_bits, method=weights, **gkw)
     if method == "quarot":
         rule = Rule(patterns, act=act, weight=weight)
         return Recipe((rule,), kv=kv, name=name, network="quarot", network_seed=hadamard_seed)
@@ -475,9 +496,21 @@ def layer_sqnr(model, window: torch.Tensor, recipe: Recipe, prepared: rcp.Prepar
     return out
 
 
-def eval_data(tokenizer, seq_len: int, n_eval: int, n_calib: int = 0):
-    """``(eval_windows, calib_windows)`` from the Wikipedia evaluation / calibration splits (disjoint
-    by article; :mod:`stamp_lib.zoo.text`)."""
+def eval_data(tokenizer, seq_len: int, n_eval: int | None, n_calib: int = 0, *, dataset: str = "wiki",
+              path=None, seed: int = 0):
+    """``(eval_windows, calib_windows)``. ``dataset="wiki"`` (default): the Wikipedia evaluation /
+    calibration splits (disjoint by article; :mod:`stamp_lib.zoo.text`). ``"wikitext2"``: the first
+    ``n_eval`` (``None``: all) windows of WikiText-2's test split and ``n_calib`` random windows of its
+    train split drawn with ``seed`` (:func:`stamp_lib.zoo.text.stream_windows`,
+    :func:`~stamp_lib.zoo.text.random_windows`; ``path``: a local copy, see :func:`~stamp_lib.zoo.text.wikitext2`)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    if dataset == "wikitext2":
+        lines = text.wikitext2(path)
+        ev = text.stream_windows(tokenizer, lines["test"], seq_len, n_eval)
+        return ev, text.random_windows(tokenizer, lines["train"], seq_len, n_calib, seed) if n_calib else None
+    if path is not None:
+        raise ValueError("path= is a local copy of WikiText-2: it needs dataset='wikitext2'")
     calib_articles, eval_articles = text.wiki_split()
     ev = text.token_windows(tokenizer, eval_articles, seq_len, n_eval)
     cal = text.token_windows(tokenizer, calib_articles, seq_len, n_calib) if n_calib else None
@@ -496,6 +529,37 @@ def load(name: str, device: str | None = None, device_map: str | None = None, dt
 
 # ----------------------------------------------------------------------------- command line
 PROG = "python -m stamp_lib llm"
+
+
+def _count_or_all(v: str):
+    """``--windows``: a whole number (checked by :func:`validate`) or ``"all"``."""
+    if v.strip().lower() == "all":
+        return "all"
+    return int(v)
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """``--dataset`` and ``--dataset-path``, shared by ``llm`` and ``zeroshot`` (checked by
+    :func:`check_data_options`, read by :func:`check_inputs`)."""
+    p.add_argument("--dataset", default="wiki", choices=DATASETS,
+                   help="wiki: the Wikipedia stand-in shipped inside gensim (evaluation and calibration articles, "
+                        "disjoint); wikitext2: the papers' WikiText-2 through the datasets package (the test split's "
+                        "windows for evaluation, random windows of the train split for calibration, as GPTQ draws them)")
+    p.add_argument("--dataset-path", default=None,
+                   help="--dataset wikitext2: a local copy (a folder written by DatasetDict.save_to_disk, or the Hub "
+                        "repository's parquet files) instead of the Hugging Face datasets cache")
+
+
+def check_data_options(a: argparse.Namespace) -> None:
+    """``--dataset-path`` goes with ``--dataset wikitext2`` and names a folder; :class:`cli.BadInput` otherwise."""
+    if a.dataset_path is not None:
+        if a.dataset != "wikitext2":
+            raise cli.BadInput(f"--dataset-path {a.dataset_path}", f"is a local copy of WikiText-2, but --dataset is "
+                                                                  f"{a.dataset}; add --dataset wikitext2 or drop it")
+        if not Path(a.dataset_path).expanduser().is_dir():
+            raise cli.BadInput(f"--dataset-path {a.dataset_path}", "no such folder; pass a folder written by "
+                                                                  "DatasetDict.save_to_disk (or the Hub repository's "
+                                                                  "parquet files), or drop it to use the datasets cache")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -530,10 +594,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fq-batch-size", type=int, default=4,
                    help="--method flatquant: calibration windows per step; --calib-windows must be a multiple "
                         "(published: 4, with 128 windows)")
+    add_data_options(p)
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per window, >= 2")
-    p.add_argument("--windows", type=int, default=8, help="evaluation windows, >= 1")
+    p.add_argument("--windows", type=_count_or_all, default=8,
+                   help="evaluation windows, >= 1, or 'all' (every window of the evaluation split, as the papers do)")
     p.add_argument("--calib-windows", type=int, default=8,
-                   help="calibration windows (SmoothQuant, GPTQ, FlatQuant need >= 1; unused by the other methods)")
+                   help="calibration windows (SmoothQuant, GPTQ, FlatQuant need >= 1; unused by the other methods); "
+                        "the paper's GPTQ and FlatQuant use 128 of 2048 tokens (runbook commands spell it out)")
+    p.add_argument("--gptq-act-order", action="store_true",
+                   help="--weights gptq: quantize the columns by decreasing Hessian diagonal (GPTQ's --act-order)")
+    p.add_argument("--gptq-damp", type=float, default=0.01,
+                   help="--weights gptq: damping, the fraction of mean(diag H) added to H's diagonal, in [0, 1) "
+                        "(GPTQ's and QuaRot's --percdamp, 0.01)")
+    p.add_argument("--gptq-sequential", action="store_true",
+                   help="--weights gptq: layer by layer (GPTQ's and QuaRot's order: each group's Hessian from the "
+                        "inputs of the layers quantized before it; one Hessian held at a time: what fits an 8B model "
+                        "on one GPU); default: every Hessian from one pass of the full-precision model")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cpu)")
     p.add_argument("--device-map", default=None, help='e.g. "auto" for a large checkpoint on GPUs (needs accelerate)')
@@ -578,7 +654,19 @@ def validate(a: argparse.Namespace) -> None:
     """Check parsed arguments before anything is loaded; raises :class:`~stamp_lib.experiments.cli.BadInput`
     naming the argument, the allowed range and the fix."""
     cli.whole(a.seq_len, "--seq-len", "tokens per window", lo=2)
-    cli.whole(a.windows, "--windows", "evaluation windows")
+    if a.windows != "all":
+        cli.whole(a.windows, "--windows", "evaluation windows", hint=" (or 'all')")
+    check_data_options(a)
+    gptq_flags = [f for f, on in (("--gptq-act-order", a.gptq_act_order), ("--gptq-sequential", a.gptq_sequential))
+                  if on]
+    if gptq_flags and (a.weights != "gptq" or a.method in ("fp", "flatquant")):
+        raise cli.BadInput(" ".join(gptq_flags), f"applies to GPTQ weights, but --method {a.method} --weights "
+                                                 f"{a.weights} has none; pass --weights gptq with --method rtn, "
+                                                 "smoothquant, quarot or hadamard, or drop it")
+    d = a.gptq_damp
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not (math.isfinite(d) and 0 <= d < 1):
+        raise cli.BadInput(f"--gptq-damp {d}", "GPTQ's damping must be a number in [0, 1) (a fraction of mean "
+                                               "diag H); pass e.g. --gptq-damp 0.01")
     cli.whole(a.calib_windows, "--calib-windows", "calibration windows", lo=0)
     cli.whole(a.batch_size, "--batch-size", "windows per forward")
     cli.check_threads(a.threads)
@@ -649,14 +737,16 @@ def _cli_recipe(a) -> Recipe:
         return llm_recipe(a.method, weights=a.weights, stamp=a.stamp, levels=a.levels, seq_len=a.seq_len,
                           a_bits=a.a_bits, w_bits=a.w_bits, kv_bits=a.kv_bits or None, hp_tokens=a.hp_tokens,
                           hp_bits=a.hp_bits, kv_stamp=a.kv_stamp, alpha=a.alpha, hadamard_seed=_seed(a),
-                          flatquant=dict(epochs=a.fq_epochs, batch_size=a.fq_batch_size))
+                          flatquant=dict(epochs=a.fq_epochs, batch_size=a.fq_batch_size),
+                          gptq_act_order=a.gptq_act_order, gptq_damp=a.gptq_damp, gptq_sequential=a.gptq_sequential)
     except ValueError as e:  # pragma: no cover - validate() checks every knob first
         raise cli.BadInput("arguments", str(e)) from None
 
 
-def check_inputs(a: argparse.Namespace) -> None:
-    """The model and the evaluation text are installed (nothing loaded yet); a :class:`cli.BadInput`
-    that says how to get them otherwise."""
+def check_inputs(a: argparse.Namespace) -> dict | None:
+    """The model and the evaluation text are installed (no model loaded yet); a :class:`cli.BadInput`
+    that says how to get them otherwise. Returns WikiText-2's lines (``{"train", "test"}``, from
+    :func:`stamp_lib.zoo.text.wikitext2`) for ``--dataset wikitext2``, ``None`` for the stand-in."""
     key = a.model.strip().lower()
     if key in models.ALIASES:
         try:
@@ -674,17 +764,38 @@ def check_inputs(a: argparse.Namespace) -> None:
                                                  f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); pass a "
                                                  f"checkpoint folder, or `huggingface-cli download {a.model}` on a "
                                                  "machine with network access and copy the cache here")
+    if a.dataset == "wikitext2":
+        try:
+            return text.wikitext2(a.dataset_path)
+        except text.TextDataMissing as e:
+            where = f" --dataset-path {a.dataset_path}" if a.dataset_path else ""
+            raise cli.BadInput(f"--dataset wikitext2{where}", str(e)) from None
     try:
         text.wiki_path()
     except text.TextDataMissing as e:
         raise cli.BadInput("the evaluation text (Wikipedia dump inside gensim)", str(e)) from None
+    return None
 
 
-def _windows(tok, articles, a, n: int, flag: str):
+def _windows(tok, articles, a, n: int | None, flag: str):
     try:
         return text.token_windows(tok, articles, a.seq_len, n)
     except ValueError as e:
-        raise cli.BadInput(f"{flag} {n} --seq-len {a.seq_len}", f"{e}") from None
+        raise cli.BadInput(f"{flag} {'all' if n is None else n} --seq-len {a.seq_len}", f"{e}") from None
+
+
+def _wikitext2_windows(tok, lines: dict, a, n_eval: int | None, n_cal: int):
+    """``(eval, calib)`` of ``--dataset wikitext2``: the test split's stream windows (the first
+    ``n_eval``, or all), and ``n_cal`` random windows of the train split drawn with seed ``--draw``."""
+    try:
+        ev = text.stream_windows(tok, lines["test"], a.seq_len, n_eval)
+    except ValueError as e:
+        raise cli.BadInput(f"--windows {a.windows} --seq-len {a.seq_len}", f"WikiText-2's test split: {e}") from None
+    try:
+        cal = text.random_windows(tok, lines["train"], a.seq_len, n_cal, seed=a.draw) if n_cal else None
+    except ValueError as e:
+        raise cli.BadInput(f"--seq-len {a.seq_len}", f"WikiText-2's train split: {e}") from None
+    return ev, cal
 
 
 def main(argv=None) -> dict:
@@ -692,7 +803,7 @@ def main(argv=None) -> dict:
     a = cli.parse(p, argv, validate)
     quiet = a.quiet
     with cli.guard(p, quiet=quiet), cli.torch_threads(a.threads):
-        check_inputs(a)
+        lines = check_inputs(a)
         r = _cli_recipe(a)
         t0 = time.perf_counter()
         cli.hide_library_bars()
@@ -701,10 +812,15 @@ def main(argv=None) -> dict:
         except (models.ModelPackageMissing, models.ModelNotAvailable) as e:
             raise cli.BadInput(f"--model {a.model}", f"{e}; {cli.MODEL_PACKAGES_HINT}") from None
         n_cal = a.calib_windows if r.needs_calibration() else 0
-        calib_articles, eval_articles = text.wiki_split()
-        ev = _windows(tok, eval_articles, a, a.windows, "--windows")
-        cal = _windows(tok, calib_articles, a, n_cal * (a.draw + 1), "--calib-windows") if n_cal else None
-        cal = None if cal is None else cal[a.draw * n_cal:]
+        n_eval = None if a.windows == "all" else a.windows
+        if lines is not None:
+            ev, cal = _wikitext2_windows(tok, lines, a, n_eval, n_cal)
+        else:
+            calib_articles, eval_articles = text.wiki_split()
+            ev = _windows(tok, eval_articles, a, n_eval, "--windows")
+            cal = _windows(tok, calib_articles, a, n_cal * (a.draw + 1), "--calib-windows") if n_cal else None
+            cal = None if cal is None else cal[a.draw * n_cal:]
+        n_ev = int(ev.shape[0])
         dev = next(model.parameters()).device
         store = (cellstore.CellStore(a.cells, reuse=a.resume, experiment="llm") if a.cells
                  else cellstore.default_store("llm", reuse=a.resume))
@@ -716,7 +832,7 @@ def main(argv=None) -> dict:
                 print(f"reused the stored cell {store.path(key)} (same settings, model and code; --no-resume "
                       "computes it again)")
         else:
-            bar = cli.bar(a.windows, "prepare weights", quiet=quiet or a.no_progress)
+            bar = cli.bar(n_ev, "prepare weights", quiet=quiet or a.no_progress)
             prep = rcp.prepare(model, r, None if cal is None else cal.to(dev), progress=False)
             bar.set_description("perplexity windows")
             res = _evaluate(model, ev.to(dev), r, prep, calib=None, batch_size=a.batch_size, progress=bar)
@@ -725,24 +841,38 @@ def main(argv=None) -> dict:
         facts = cli.run_facts(dev if a.device_map is None else f"device_map={a.device_map}", a.dtype)
     lo, hi = res.ppl_range()
     print(f"{a.model} {r.name} W{a.w_bits}A{a.a_bits}KV{a.kv_bits or 16}: perplexity {res.ppl:.4g} "
-          f"(mean NLL {res.mean_nll:.4f} +- {res.se_nll:.4f} s.e. over {a.windows} windows of {a.seq_len} tokens; "
+          f"(mean NLL {res.mean_nll:.4f} +- {res.se_nll:.4f} s.e. over {n_ev} windows of {a.seq_len} tokens; "
           f"exp(mean +- s.e.) = [{lo:.4g}, {hi:.4g}]); bits spent: activations {res.act_bits:.4f}, KV {res.kv_bits:.4f}")
     act = next((rule.act for rule in r.rules if rule.act), None)
     levels = act.levels if act is not None and act.transform == "dwt" else None
     threads = facts["torch_threads"]
     applied = {"levels": levels, "calib_windows": n_cal, "threads": threads,
                "device": str(dev) if a.device_map is None else None}
-    out = {"model": a.model, "recipe": r.knobs(), "eval": res.summary(), "seq_len": a.seq_len, "windows": a.windows,
-           "calib_windows": n_cal, "dtype": a.dtype,
+    if lines is None:
+        drawn = (f"the first {n_ev} windows of the evaluation split; calibration: windows "
+                 f"{a.draw * n_cal}..{(a.draw + 1) * n_cal - 1} of the calibration split")
+        protocol = "non-overlapping windows of the evaluation split, tail dropped, mean token NLL, exp"
+        dataset = {"name": "wiki", "text": "Wikipedia stand-in (gensim's dump), split by article"}
+    else:
+        drawn = (f"{f'all {n_ev}' if n_eval is None else f'the first {n_ev}'} windows of WikiText-2's test split; "
+                 f"calibration: {n_cal} random windows of the train split, seed {a.draw} (GPTQ's get_wikitext2)")
+        protocol = ("WikiText-2 (wikitext-2-raw-v1) as GPTQ/QuaRot/FlatQuant evaluate it: the test split's lines joined "
+                    "with blank lines, tokenized once (a BOS once at the start, where the tokenizer adds one), "
+                    "non-overlapping windows, "
+                    "tail dropped, mean token NLL, exp")
+        dataset = {"name": "wikitext2", "config": text.WIKITEXT2[1], "path": a.dataset_path,
+                   "test_windows_available": len(text.joined_ids(tok, lines["test"])) // a.seq_len,
+                   "calibration_seed": a.draw if n_cal else None}
+    out = {"model": a.model, "recipe": r.knobs(), "eval": res.summary(), "seq_len": a.seq_len, "windows": n_ev,
+           "calib_windows": n_cal, "dtype": a.dtype, "dataset": dataset,
            "applied": {"levels": levels, "max_levels": transforms.max_levels_1d(a.seq_len),
                        "act_bits_spent": res.act_bits, "kv_bits_spent": res.kv_bits, **facts},
            "seeds_drawn": {"hadamard_seed": _seed(a) if a.method in ("quarot", "hadamard", "flatquant") else None,
                            "draw": a.draw},
-           "windows_drawn": f"the first {a.windows} windows of the evaluation split; calibration: windows "
-                            f"{a.draw * n_cal}..{(a.draw + 1) * n_cal - 1} of the calibration split",
+           "windows_drawn": drawn,
            "command": cli.command_line(p, a, applied=applied, skip=("quiet", "no_progress", "resume", "cells")),
            "cells": {**store.counts(), "store": str(store.folder)},
-           "protocol": "non-overlapping windows of the evaluation split, tail dropped, mean token NLL, exp",
+           "protocol": protocol,
            "simulated": "fake quantization in floating point", "wall_s": round(time.perf_counter() - t0, 1)}
     stem = f"{a.model.replace('/', '_')}-{r.name.replace('/', '_').replace('+', '_')}"
     path = Path(a.out) if a.out else results_dir() / "llm" / f"{stem}.json"

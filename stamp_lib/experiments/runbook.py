@@ -14,24 +14,31 @@ Contract
 * :func:`zeroshot_commands`: the ``python -m stamp_lib zeroshot`` command of every model and
   Table 2 row on lm-eval's usual tasks (:data:`stamp_lib.experiments.zeroshot.USUAL_TASKS`),
   bit-matched and + STaMP in one run, validated the same way.
-* :func:`memory_plan`: the peak memory of one cell, term by term, from the shapes. With
-  ``P`` parameters of ``b`` bytes, ``P_lin`` of them in the decoder's linear layers, ``L`` layers
-  whose linears read input groups of widths ``d_g`` (q/k/v share one, gate/up another):
+* :func:`memory_plan`: the peak memory of one cell, term by term, from the shapes, for the code as
+  it is. With ``P`` parameters of ``b`` bytes, ``P_lin`` of them in the decoder's linear layers,
+  ``L`` layers whose linears read input groups of widths ``d_g`` (q/k/v share one, gate/up
+  another), ``u_max`` the largest unit that is folded and quantized at once (one linear for RTN;
+  for GPTQ the linears fed one input, stacked by rows: gate/up, ``2 d_ff d``):
 
   - the model: ``P b``;
   - the prepared (folded, quantized) weights, one copy of every decoder linear kept beside the
     model while the recipe is applied: ``P_lin b``;
-  - while preparing, the folded weights of every linear, all held at once in float64 before any
-    is quantized (``recipe.prepare`` as it is): ``8 P_lin``;
-  - GPTQ only: the Hessians of every input group of every layer, accumulated in one calibration
-    pass and held together until quantization (float64): ``8 L sum_g d_g^2``; plus the working
-    set of quantizing the widest group, ``GPTQ_WORK`` float64 matrices of ``d_max^2``;
+  - while preparing, the float64 folded weights of one unit at a time, with the quantizer's
+    working copy and its result: ``8 FOLD_COPIES u_max`` (before layer-by-layer preparation
+    every linear's folded copy was held at once: ``8 P_lin``, :func:`memory_plan_all_at_once`);
+  - GPTQ in one pass (``sequential=False``): the Hessians of every input group of every layer,
+    accumulated in one calibration pass and held together (float64): ``8 L sum_g d_g^2``;
+    GPTQ layer by layer (``sequential=True``): one group's Hessian at a time, ``8 d_max^2``,
+    and the calibration windows' hidden states at one layer boundary, the layer's inputs and
+    outputs (``n`` windows of ``s_c`` tokens, width ``d``): ``2 n s_c d b``;
+  - GPTQ: the working set of quantizing the widest group, ``GPTQ_WORK`` float64 matrices of
+    ``d_max^2``;
   - one evaluation window: the float32 logits ``4 s V`` (V the vocabulary) dominate.
 
   :func:`measure_prepare_peak` measures the peak resident memory of :func:`recipe.prepare` in a
   fresh process on a small configuration, to check the formula against the code as it is. The
-  terms are a lower bound: calibration activations and temporaries are not modelled, and the
-  measured ratio says how much they add.
+  terms are a lower bound: the full-precision pass's activations and temporaries are not
+  modelled, and the measured ratio says how much they add.
 
 Nothing here runs a paper-sized model.
 """
@@ -41,14 +48,14 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import overhead
 
-__all__ = ["PAPER_LLMS", "TABLE2", "GPTQ_WORK", "meta_model", "memory_plan", "table2_commands",
-           "zeroshot_commands", "wrap", "measure_prepare_peak", "MemoryPlan"]
+__all__ = ["PAPER_LLMS", "TABLE2", "GPTQ_WORK", "FOLD_COPIES", "meta_model", "memory_plan", "memory_plan_all_at_once",
+           "table2_commands", "zeroshot_commands", "wrap", "measure_prepare_peak", "MemoryPlan"]
 
 # Hub ids and the shapes of their config.json (architecture constants, as published)
 PAPER_LLMS = {
@@ -68,7 +75,8 @@ PAPER_LLMS = {
 # Table 2's rows: (method, weight quantizer); QuaRot as published quantizes its weights with GPTQ
 TABLE2 = (("fp", "rtn"), ("rtn", "rtn"), ("smoothquant", "rtn"), ("quarot", "gptq"), ("flatquant", "rtn"))
 STAMP_COLUMNS = ("none", "dwt")
-GPTQ_WORK = 3  # float64 d x d matrices alive while one group is quantized (H, its inverse, its factor)
+GPTQ_WORK = 4  # float64 d x d matrices gptq_quantize holds at once: H's working copy, its factor, the inverse, its factor
+FOLD_COPIES = 3  # float64 copies of the unit being quantized: folded, the quantizer's working copy, its result
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -93,7 +101,8 @@ def meta_model(shape: dict) -> torch.nn.Module:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes of each term of :func:`memory_plan` and their sum, with the formula of each."""
+    """Bytes of each term of :func:`memory_plan` and their sum, with the formula of each.
+    ``activations``: the calibration hidden states that layer-by-layer GPTQ holds (0 otherwise)."""
 
     model: int
     prepared: int
@@ -102,59 +111,95 @@ class MemoryPlan:
     gptq_work: int
     logits: int
     formulas: dict
+    activations: int = 0
 
     @property
     def total(self) -> int:
-        return self.model + self.prepared + self.folded + self.hessians + self.gptq_work + self.logits
+        return self.model + self.prepared + self.folded + self.hessians + self.gptq_work + self.activations + self.logits
 
     @property
     def preparing(self) -> int:
         """The terms that :func:`recipe.prepare` adds to the model (what :func:`measure_prepare_peak` measures)."""
-        return self.prepared + self.folded + self.hessians + self.gptq_work
+        return self.prepared + self.folded + self.hessians + self.gptq_work + self.activations
 
     def gib(self) -> dict:
         return {k: getattr(self, k) / 2 ** 30 for k in ("model", "prepared", "folded", "hessians", "gptq_work",
-                                                         "logits", "total")}
+                                                         "activations", "logits", "total")}
 
 
-def _shapes(model: torch.nn.Module) -> tuple[int, int, int, list[int]]:
-    """(P, P_lin, L, input-group widths of one decoder layer)."""
+def _shapes(model: torch.nn.Module) -> dict:
+    """P, P_lin, L, the input-group widths of one decoder layer, the largest linear (out x in) and
+    the largest group of linears fed one input (sum of outs x in), the hidden width."""
     layers = model.model.layers
     lins = overhead.block_linears(layers[0])
     groups: dict[str, int] = {}
+    outs: dict[str, int] = {}
     for lin in lins:
         groups.setdefault(lin.group, lin.d_in)
-    p = sum(t.numel() for t in model.parameters())
-    p_lin = len(layers) * sum(lin.d_in * lin.d_out for lin in lins)
-    return p, p_lin, len(layers), list(groups.values())
+        outs[lin.group] = outs.get(lin.group, 0) + lin.d_out
+    return dict(p=sum(t.numel() for t in model.parameters()),
+                p_lin=len(layers) * sum(lin.d_in * lin.d_out for lin in lins), n_layers=len(layers),
+                widths=list(groups.values()), lin_max=max(lin.d_in * lin.d_out for lin in lins),
+                group_max=max(outs[g] * groups[g] for g in groups), d=model.config.hidden_size)
 
 
-def memory_plan(model_or_shape, *, dtype: str = "bfloat16", weights: str = "rtn", seq_len: int = 2048) -> MemoryPlan:
-    """Peak memory of one Table 2 cell (see the module docstring), for a model (any device, meta
-    included) or a :data:`PAPER_LLMS` entry."""
+def _check(dtype, weights):
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if weights not in ("rtn", "gptq"):
         raise ValueError(f"weights must be 'rtn' or 'gptq', got {weights!r}")
+
+
+def memory_plan(model_or_shape, *, dtype: str = "bfloat16", weights: str = "rtn", seq_len: int = 2048,
+                sequential: bool = False, calib_windows: int = 128, calib_len: int | None = None) -> MemoryPlan:
+    """Peak memory of one Table 2 cell (see the module docstring), for a model (any device, meta
+    included) or a :data:`PAPER_LLMS` entry. ``sequential``: GPTQ layer by layer
+    (``--gptq-sequential``); ``calib_windows`` x ``calib_len`` (default ``seq_len``) calibration
+    tokens, whose hidden states it holds."""
+    _check(dtype, weights)
+    if sequential and weights != "gptq":
+        raise ValueError("sequential=True is GPTQ's layer-by-layer preparation: pass weights='gptq'")
     model = meta_model(model_or_shape) if isinstance(model_or_shape, dict) else model_or_shape
     b = DTYPE_BYTES[dtype]
-    p, p_lin, n_layers, widths = _shapes(model)
+    sh = _shapes(model)
     vocab = model.config.vocab_size
     gptq = weights == "gptq"
+    widths, n_layers = sh["widths"], sh["n_layers"]
+    s_c = seq_len if calib_len is None else calib_len
+    unit = sh["group_max"] if gptq else sh["lin_max"]
     return MemoryPlan(
-        model=p * b, prepared=p_lin * b, folded=8 * p_lin,
-        hessians=8 * n_layers * sum(d * d for d in widths) if gptq else 0,
+        model=sh["p"] * b, prepared=sh["p_lin"] * b, folded=8 * FOLD_COPIES * unit,
+        hessians=(8 * max(widths) ** 2 if sequential else 8 * n_layers * sum(d * d for d in widths)) if gptq else 0,
         gptq_work=8 * GPTQ_WORK * max(widths) ** 2 if gptq else 0,
+        activations=2 * calib_windows * s_c * sh["d"] * b if sequential else 0,
         logits=4 * seq_len * vocab,
-        formulas={"model": "P b", "prepared": "P_lin b", "folded": "8 P_lin", "hessians": "8 L sum_g d_g^2 (GPTQ)",
-                  "gptq_work": f"8 x {GPTQ_WORK} d_max^2 (GPTQ)", "logits": "4 s V",
-                  "P": p, "P_lin": p_lin, "L": n_layers, "d_g": widths, "V": vocab, "b": b, "s": seq_len})
+        formulas={"model": "P b", "prepared": "P_lin b",
+                  "folded": f"8 x {FOLD_COPIES} u_max (u_max: the largest {'group' if gptq else 'linear'})",
+                  "hessians": ("8 d_max^2 (one group at a time)" if sequential else "8 L sum_g d_g^2") + " (GPTQ)",
+                  "gptq_work": f"8 x {GPTQ_WORK} d_max^2 (GPTQ)",
+                  "activations": "2 n s_c d b (GPTQ layer by layer)" if sequential else "0",
+                  "logits": "4 s V", "P": sh["p"], "P_lin": sh["p_lin"], "L": n_layers, "d_g": widths,
+                  "u_max": unit, "d": sh["d"], "V": vocab, "b": b, "s": seq_len,
+                  **({"n": calib_windows, "s_c": s_c} if sequential else {})})
 
 
-def table2_commands(*, device: str = "cuda", dtype: str = "bfloat16", windows: int = 80, calib_windows: int = 128,
-                    seq_len: int = 2048) -> list[dict]:
+def memory_plan_all_at_once(model_or_shape, *, dtype: str = "bfloat16", weights: str = "rtn",
+                            seq_len: int = 2048) -> MemoryPlan:
+    """:func:`memory_plan` of the preparation before it went unit by unit and layer by layer: every
+    linear's float64 folded copy held at once (``8 P_lin``) and, for GPTQ, every layer's Hessians
+    from one pass. For comparison only: no code path prepares this way any more."""
+    one = memory_plan(model_or_shape, dtype=dtype, weights=weights, seq_len=seq_len)
+    return replace(one, folded=8 * one.formulas["P_lin"],
+                   formulas={**one.formulas, "folded": "8 P_lin (every linear at once)"})
+
+
+def table2_commands(*, device: str = "cuda", dtype: str = "bfloat16", windows: int | str = "all",
+                    calib_windows: int = 128, seq_len: int = 2048, dataset: str = "wikitext2") -> list[dict]:
     """Every cell of Table 2 as one ``python -m stamp_lib llm`` command, validated by the command's
-    own parser: ``[{model, method, weights, stamp, argv, command}]`` (FP once per model)."""
+    own parser: ``[{model, method, weights, stamp, argv, command}]`` (FP once per model). By default
+    the papers' protocol: WikiText-2 (``--dataset wikitext2``), every test window, 128 calibration
+    windows of ``seq_len`` tokens; GPTQ layer by layer (``--gptq-sequential``: the published order,
+    and what fits an 8B model on one GPU, :func:`memory_plan`)."""
     from . import llm
 
     out = []
@@ -162,8 +207,10 @@ def table2_commands(*, device: str = "cuda", dtype: str = "bfloat16", windows: i
         for method, weights in TABLE2:
             for stamp in STAMP_COLUMNS if method != "fp" else ("none",):
                 argv = ["--model", shape["id"], "--method", method, "--weights", weights, "--stamp", stamp,
-                        "--seq-len", str(seq_len), "--windows", str(windows), "--calib-windows", str(calib_windows),
-                        "--device", device, "--dtype", dtype]
+                        "--dataset", dataset, "--seq-len", str(seq_len), "--windows", str(windows),
+                        "--calib-windows", str(calib_windows), "--device", device, "--dtype", dtype]
+                if weights == "gptq":
+                    argv.append("--gptq-sequential")
                 a = llm._parser().parse_args(argv)
                 a.device = None  # the device is the user's machine's; every other argument is checked here
                 llm.validate(a)
@@ -172,17 +219,20 @@ def table2_commands(*, device: str = "cuda", dtype: str = "bfloat16", windows: i
     return out
 
 
-def zeroshot_commands(*, device: str = "cuda", dtype: str = "bfloat16") -> list[dict]:
+def zeroshot_commands(*, device: str = "cuda", dtype: str = "bfloat16", calib_windows: int = 128,
+                      dataset: str = "wikitext2") -> list[dict]:
     """Zero-shot accuracy on lm-eval's usual tasks for every model and quantized Table 2 row, the
-    bit-matched baseline and STaMP (DWT) paired in one command (FP with the first), validated by
-    the ``zeroshot`` command's own parser: ``[{model, method, weights, argv, command}]``."""
+    bit-matched baseline and STaMP (DWT) paired in one command (FP with the first), calibrated as
+    the perplexity table is (``calib_windows`` 2048-token windows of WikiText-2's train split),
+    validated by the ``zeroshot`` command's own parser: ``[{model, method, weights, argv, command}]``."""
     from . import zeroshot
 
     out = []
     for name, shape in PAPER_LLMS.items():
         for k, (method, weights) in enumerate(TABLE2[1:]):
             argv = ["--model", shape["id"], "--method", method, "--weights", weights, "--stamp", ",".join(STAMP_COLUMNS),
-                    "--tasks", ",".join(zeroshot.USUAL_TASKS), "--device", device, "--dtype", dtype]
+                    "--tasks", ",".join(zeroshot.USUAL_TASKS), "--dataset", dataset,
+                    "--calib-windows", str(calib_windows), "--device", device, "--dtype", dtype]
             if k == 0:
                 argv.append("--with-fp")
             a = zeroshot._parser().parse_args(argv)
@@ -223,7 +273,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
 
 
-def _child(shape: dict, weights: str, n_calib: int, seq_len: int, conn) -> None:
+def _child(shape: dict, weights: str, n_calib: int, seq_len: int, sequential: bool, conn) -> None:
     from ..model import recipe
     from . import llm
 
@@ -231,7 +281,7 @@ def _child(shape: dict, weights: str, n_calib: int, seq_len: int, conn) -> None:
     torch.manual_seed(0)
     model = __import__("transformers").AutoModelForCausalLM.from_config(_config(shape)).eval()
     ids = torch.randint(0, shape["vocab_size"], (n_calib, seq_len), generator=torch.Generator().manual_seed(0))
-    r = llm.llm_recipe("rtn", weights=weights, seq_len=seq_len, hp_tokens=min(64, seq_len))
+    r = llm.llm_recipe("rtn", weights=weights, seq_len=seq_len, hp_tokens=min(64, seq_len), gptq_sequential=sequential)
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
@@ -241,14 +291,18 @@ def _child(shape: dict, weights: str, n_calib: int, seq_len: int, conn) -> None:
     conn.close()
 
 
-def measure_prepare_peak(shape: dict, weights: str, *, n_calib: int = 2, seq_len: int = 64) -> dict:
+def measure_prepare_peak(shape: dict, weights: str, *, n_calib: int = 2, seq_len: int = 64,
+                         sequential: bool = False) -> dict:
     """Peak resident memory added by :func:`stamp_lib.model.recipe.prepare` (``weights`` RTN or GPTQ,
-    float32) over the freshly built model, measured in a new process (its peak resident set,
-    ``VmHWM``, reset before the call through ``/proc/self/clear_refs``; Linux). Returns
-    ``{"measured": bytes, "formula": MemoryPlan.preparing at float32 weights, "ratio", "plan"}``."""
+    ``sequential``: GPTQ layer by layer; float32) over the freshly built model, measured in a new
+    process (its peak resident set, ``VmHWM``, reset before the call through
+    ``/proc/self/clear_refs``; Linux). Returns ``{"measured": bytes, "formula": MemoryPlan.preparing
+    at float32 weights, "ratio", "plan"}``."""
+    plan = memory_plan(meta_model(shape), dtype="float32", weights=weights, seq_len=seq_len, sequential=sequential,
+                       calib_windows=n_calib)  # checks the arguments before a process starts
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(shape, weights, n_calib, seq_len, child))
+    proc = ctx.Process(target=_child, args=(shape, weights, n_calib, seq_len, sequential, child))
     proc.start()
     child.close()
     try:
@@ -257,7 +311,6 @@ def measure_prepare_peak(shape: dict, weights: str, *, n_calib: int = 2, seq_len
         proc.join()
         raise RuntimeError(f"the measuring process died (exit code {proc.exitcode})") from None
     proc.join()
-    plan = memory_plan(meta_model(shape), dtype="float32", weights=weights, seq_len=seq_len)
     formula = plan.preparing
-    return dict(measured=got["after"] - got["before"], formula=formula, weights=weights, plan=plan,
-                ratio=(got["after"] - got["before"]) / formula if formula else math.nan)
+    return dict(measured=got["after"] - got["before"], formula=formula, weights=weights, sequential=sequential,
+                plan=plan, ratio=(got["after"] - got["before"]) / formula if formula else math.nan)

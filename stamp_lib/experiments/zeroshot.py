@@ -451,7 +451,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hadamard-seed", type=int, default=0,
                    help="random signs of QuaRot's / the per-linear rotation, FlatQuant's random start")
     p.add_argument("--calib-windows", type=int, default=8,
-                   help="calibration windows of the Wikipedia calibration split (SmoothQuant, GPTQ, FlatQuant)")
+                   help="calibration windows (SmoothQuant, GPTQ, FlatQuant): of the Wikipedia stand-in's calibration "
+                        "articles, or random windows of WikiText-2's train split drawn with --seed")
+    llm.add_data_options(p)
     p.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window, >= 2")
     p.add_argument("--batch-size", type=int, default=1, help="requests per forward; 1 with a sequence transform")
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds")
@@ -507,6 +509,7 @@ def validate(a: argparse.Namespace) -> None:
     cli.whole(a.hadamard_seed, "--hadamard-seed", "the Hadamard seed", lo=0)
     cli.whole(a.calib_windows, "--calib-windows", "calibration windows", lo=0)
     cli.whole(a.calib_seq_len, "--calib-seq-len", "tokens per calibration window", lo=2)
+    llm.check_data_options(a)
     cli.whole(a.batch_size, "--batch-size", "requests per forward")
     cli.whole(a.seed, "--seed", "the seed", lo=0)
     cli.check_threads(a.threads)
@@ -587,13 +590,7 @@ def main(argv=None) -> dict:
             load_tasks(tasks, a.include_path)  # unknown names, missing datasets: before the model loads
         except ZeroShotInputError as e:
             raise cli.BadInput(f"--tasks {a.tasks}", str(e)) from None
-        llm.check_inputs(a)  # the model (and the calibration text) are installed; one line otherwise
-        first = _cli_recipe(a, stamps[0])
-        if first.needs_calibration():
-            try:
-                text.wiki_path()
-            except text.TextDataMissing as e:
-                raise cli.BadInput("the calibration text (Wikipedia dump inside gensim)", str(e)) from None
+        lines = llm.check_inputs(a)  # the model and the calibration text are installed; one line otherwise
         cli.hide_library_bars()
         try:
             model, tok = llm.load(a.model, a.device, a.device_map, a.dtype)
@@ -608,9 +605,12 @@ def main(argv=None) -> dict:
         n_cal = a.calib_windows if recipes[0].needs_calibration() else 0
         cal = None
         if n_cal:
-            calib_articles, _ = text.wiki_split()
             try:
-                cal = text.token_windows(tok, calib_articles, a.calib_seq_len, n_cal).to(dev)
+                if lines is None:
+                    cal = text.token_windows(tok, text.wiki_split()[0], a.calib_seq_len, n_cal)
+                else:
+                    cal = text.random_windows(tok, lines["train"], a.calib_seq_len, n_cal, seed=a.seed)
+                cal = cal.to(dev)
             except ValueError as e:
                 raise cli.BadInput(f"--calib-windows {n_cal} --calib-seq-len {a.calib_seq_len}", str(e)) from None
         prep = rcp.prepare(model, recipes[0], cal, progress=False)
@@ -644,7 +644,8 @@ def main(argv=None) -> dict:
     applied = {"threads": facts["torch_threads"], "device": str(dev) if a.device_map is None else None}
     out = {"model": a.model, "tasks": tasks, "include_path": a.include_path, "limit": a.limit, "dtype": a.dtype,
            "runs": [res for _, _, res in runs], "paired": paired,
-           "applied": {"max_length": max_length, "calib_windows": n_cal, **facts},
+           "applied": {"max_length": max_length, "calib_windows": n_cal,
+                       "calib_data": (a.dataset if lines is None else "wikitext2 train") if n_cal else None, **facts},
            "command": cli.command_line(p, a, applied=applied, skip=("quiet", "no_progress")),
            "protocol": "lm-eval zero-shot: each choice scored by the summed log-likelihood of its tokens after the "
                        "prompt, one request per forward (batch 1 with a sequence transform); acc = argmax, acc_norm = "

@@ -225,7 +225,11 @@ class HessianAccumulator:
         if not bool(torch.isfinite(x2).all()):
             raise ValueError("x contains non-finite values")
         xtx = (x2.T @ x2).double()  # products in the input's precision (float32: ~3x faster), sums in float64
-        self.sum = xtx if self.sum is None else self.sum + xtx
+        if self.sum is None:
+            self.sum = xtx
+        else:  # in place: no third d x d matrix while adding (the same sums)
+            self.sum.add_(xtx)
+            del xtx
         self.device = dev
         self.count += x2.shape[0]
 
@@ -235,6 +239,13 @@ class HessianAccumulator:
         if self.count == 0:
             raise ValueError("no samples added yet: call add(x) first")
         return self.sum / self.count
+
+    def take(self) -> torch.Tensor:
+        """:attr:`H` computed in the memory of the running sum, which the accumulator gives up (no
+        second d x d matrix; the same values). The accumulator is empty afterwards."""
+        H = self.H if self.sum is None else self.sum.div_(self.count)
+        self.sum, self.count = None, 0
+        return H
 
 
 hessian_accumulator = HessianAccumulator

@@ -23,7 +23,8 @@ inputs of the seven linears and the K and V caches). Keys are handled as
 (:math:`q (Q(kP_k) P_k^{-1})^\top = (q P_k^{-\top}) Q(k P_k)^\top`) through the one K/V hook of
 :func:`stamp_lib.model.kv.kv_quantization`.
 
-Calibration (:func:`calibrate`): the inputs of layer 0 are captured for the calibration windows;
+Calibration (:func:`calibrate`): the inputs of layer 0 are captured for the calibration windows
+(block by block, :mod:`stamp_lib.model.blocks`, the mechanism sequential GPTQ uses too);
 for each layer the full-precision outputs are computed (and the activation maxima that start the
 per-channel scales, :func:`stamp_lib.methods.flatquant.smooth_init`), then the quantized layer
 (every weight folded, clipped and quantized; every linear input transformed and quantized; keys
@@ -54,7 +55,7 @@ import torch
 from torch import nn
 
 from ..methods import flatquant as fq
-from . import hooks, kv
+from . import blocks, hooks, kv
 from .quarot import QuaRotPlan, _find_decoder, rotated
 
 __all__ = ["FlatQuantConfig", "LayerFlat", "FlatQuantResult", "calibrate", "flatquant", "LABEL", "PUBLISHED_WINDOWS"]
@@ -280,44 +281,6 @@ def _hooked(model: nn.Module, layers: dict, flats: dict, dims: dict, cfg: FlatQu
 
 
 # ----------------------------------------------------------------------------- calibration
-class _Stop(Exception):
-    pass
-
-
-def _call(layer, x, kw):
-    out = layer(x, **kw)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def _layer_inputs(model, dec, calib: torch.Tensor):
-    """The hidden states entering layer 0 for every calibration window (n, s, d), and the keyword
-    arguments of each layer's call for one window (RoPE embeddings, mask and positions: Gemma-3's
-    sliding and full layers get different ones), shared by all batches."""
-    xs, kws = [], {}
-
-    def grab(module, args, kwargs):
-        xs.append(args[0] if args else kwargs["hidden_states"])
-        raise _Stop
-
-    def keep(i):
-        def hook(module, args, kwargs):
-            kws[i] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
-        return hook
-
-    with contextlib.ExitStack() as stack:
-        for i, layer in enumerate(dec.layers):
-            stack.enter_context(hooks.module_hook(layer, keep(i)))
-        model(calib[:1], use_cache=False)  # a cache would keep every batch's keys
-    with hooks.module_hook(dec.layers[0], grab):
-        for row in calib:
-            try:
-                model(row[None], use_cache=False)
-            except _Stop:
-                pass
-    return torch.cat(xs), kws
-
-
 def _absmax_inputs(layer, x, kw, batch_size):
     """Per-channel max |input| of q_proj (= k/v), gate_proj (= up) and down_proj over the windows,
     and the layer's full-precision outputs."""
@@ -329,7 +292,7 @@ def _absmax_inputs(layer, x, kw, batch_size):
 
     mods = {"ln": layer.self_attn.q_proj, "up_gate": layer.mlp.gate_proj, "down": layer.mlp.down_proj}
     with hooks.input_hooks(mods, keep):
-        outs = torch.cat([_call(layer, x[i:i + batch_size], kw) for i in range(0, x.shape[0], batch_size)])
+        outs = torch.cat([blocks.call_layer(layer, x[i:i + batch_size], kw) for i in range(0, x.shape[0], batch_size)])
     return seen, outs
 
 
@@ -355,7 +318,7 @@ def calibrate(model: nn.Module, calib: torch.Tensor, config: FlatQuantConfig | N
         p.requires_grad_(False)
     flats, logs = {}, []
     try:
-        x, kws = _layer_inputs(model, dec, calib)
+        x, kws = blocks.layer_inputs(model, dec, calib)
         if progress is not None:
             progress.total = len(layers) * cfg.epochs * (x.shape[0] // cfg.batch_size)
         for i, layer in enumerate(layers):

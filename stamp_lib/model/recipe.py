@@ -12,7 +12,11 @@ Applying a recipe is two steps:
    diagonal scale from calibration statistics) and the weight :math:`W' = Q_w(W R^{-\top})`
    quantized in that basis (round-to-nearest, or GPTQ with the Hessian of the calibration inputs,
    rotated with R). The result depends only on the rules' feature and weight settings (and the network
-   preparation), so one preparation serves a recipe with and without STaMP.
+   preparation), so one preparation serves a recipe with and without STaMP. Weights are folded (in
+   float64) and quantized one linear, or one GPTQ group, at a time. GPTQ's Hessians come from one
+   calibration pass of the full-precision model (all held at once), or with
+   ``WeightQuant(sequential=True)`` decoder layer by decoder layer, one at a time, from the inputs
+   of the layers quantized before (GPTQ's and QuaRot's order; :mod:`stamp_lib.model.blocks`).
 
    ``Recipe(..., network="quarot", network_seed=s)`` adds QuaRot as a model-level step first
    (:mod:`stamp_lib.model.quarot`): the plan's parameters (norms fused, residual stream rotated,
@@ -50,7 +54,7 @@ recipe has high-precision rows at all. Non-finite inputs are checked at the API 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -169,7 +173,18 @@ class WeightQuant:
 
     ``lowrank`` = r > 0 adds an SVDQuant-style branch (Li et al., 2025): the top-r singular part
     :math:`L_r` of the (folded) weight stays in full precision and sees the *unquantized* input,
-    only the residual :math:`W - L_r` is quantized: :math:`y = Q(x) Q_w(W - L_r)^\top + x L_r^\top + \beta`."""
+    only the residual :math:`W - L_r` is quantized: :math:`y = Q(x) Q_w(W - L_r)^\top + x L_r^\top + \beta`.
+
+    GPTQ's knobs: ``damp`` (``damp * mean(diag H)`` added to the Hessian's diagonal), ``act_order``
+    (columns by decreasing ``diag H``) and ``sequential``: ``False`` (default) takes every layer's
+    Hessian from one calibration pass of the full-precision model (all Hessians held at once);
+    ``True`` is GPTQ's and QuaRot's own order, decoder layer by decoder layer: within a layer the
+    linears that share an input (q/k/v, gate/up) are quantized one group after the other, each
+    group's Hessian taken from the inputs that the layers and groups quantized before it produce
+    (weights quantized, activations in full precision, as in QuaRot's ``gptq_fwrd``), then the
+    calibration windows are run through the quantized layer to give the next layer its inputs.
+    One group's Hessian is held at a time. Needs a decoder LM (:mod:`stamp_lib.model.blocks`) and
+    token windows as calibration data."""
 
     bits: int = 4
     method: str = "rtn"
@@ -179,6 +194,7 @@ class WeightQuant:
     damp: float = 0.01
     act_order: bool = False
     lowrank: int = 0
+    sequential: bool = False
 
     def __post_init__(self):
         quant.check_bits_value(self.bits, "weight bits")
@@ -191,9 +207,18 @@ class WeightQuant:
             raise ValueError(f"weight clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
         if not 0.0 <= self.damp < 1.0:
             raise ValueError(f"damp must be in [0, 1), got {self.damp!r}")
+        for k in ("act_order", "sequential"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"{k} must be a bool, got {getattr(self, k)!r}")
+        if self.sequential and self.method != "gptq":
+            raise ValueError(f"sequential=True is GPTQ's layer-by-layer order; method={self.method!r} needs no "
+                             "calibration inputs (pass method='gptq' or drop sequential)")
 
     def knobs(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.sequential:  # only then: the knobs (and stored cells' keys) of other recipes are unchanged
+            del d["sequential"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -385,7 +410,10 @@ def prepare(model: nn.Module, recipe: Recipe, calib=None, *, forward: Callable |
     """Run the recipe's methods on calibration data; see the module docstring.
 
     ``calib``: what :func:`stamp_lib.model.capture.capture_inputs` accepts (e.g. token windows (n, s));
-    needed only for SmoothQuant or GPTQ (an error says so when it is missing). Modules that share
+    needed only for SmoothQuant or GPTQ (an error says so when it is missing); token windows (n, s)
+    for GPTQ with ``sequential=True``, which runs the decoder layer by layer (``batch_size`` windows
+    per layer call) and holds one group's Hessian and the windows' hidden states at one layer
+    boundary instead of every layer's Hessians. Modules that share
     one input tensor (q/k/v, gate/up) share SmoothQuant scales, computed with the largest weight
     magnitude over the group (as when the scale is folded into the preceding norm).
 
@@ -428,14 +456,18 @@ def _prepare(model, recipe, calib, forward, batch_size, progress, plan) -> Prepa
         prep.info["network"] = plan.description
     sq = [n for n, (m, r) in resolved.items() if r.feature == "smoothquant"]
     gq = [n for n, (m, r) in resolved.items() if r.weight is not None and r.weight.method == "gptq"]
+    seq = [n for n in gq if resolved[n][1].weight.sequential]  # Hessians layer by layer, below
+    once = [n for n in gq if not resolved[n][1].weight.sequential]  # Hessians from one full-precision pass
     stats, aliases = None, {}
     if sq or gq:
         if calib is None:
             raise ValueError("this recipe needs calibration data (SmoothQuant scales or GPTQ Hessians): "
                              "pass calib=, e.g. token windows from the calibration split")
-        names = sorted(set(sq) | set(gq))
+        prep.info["calibration_tokens"] = int(calib.numel()) if isinstance(calib, torch.Tensor) else None
+    if sq or once:
+        names = sorted(set(sq) | set(once))
         # dedup: layers fed the very same tensor (q/k/v, gate/up) are reduced once, read via aliases
-        stats = _Stats(sq, gq)
+        stats = _Stats(sq, once)
         cap = capture.capture_inputs(model, calib, names, keep=False, reduce=stats, dedup=True, forward=forward,
                                      batch_size=batch_size, progress=progress)
         aliases = cap.aliases
@@ -443,7 +475,6 @@ def _prepare(model, recipe, calib, forward, batch_size, progress, plan) -> Prepa
             c = aliases.get(n, n)
             if n in stats.hessian_names and c != n:
                 stats.H[n] = stats.H[c] if c in stats.H else stats.H[n]
-        prep.info["calibration_tokens"] = int(calib.numel()) if isinstance(calib, torch.Tensor) else None
     # SmoothQuant: layers sharing an input share one Scale, with the largest weight magnitude over
     # the group (what folding the scale into the preceding norm requires)
     groups: dict[str, list[str]] = {}
@@ -464,49 +495,163 @@ def _prepare(model, recipe, calib, forward, batch_size, progress, plan) -> Prepa
             prep.features[n] = rotations[key]
     from tqdm.auto import tqdm
 
-    todo, gptq_groups = {}, {}
+    # every weight that needs no Hessian is folded (float64) and quantized at once, one at a time:
+    # no float64 copies of all the linears held together
+    gq_set = set(gq)
     for n, (m, r) in resolved.items():
-        F = prep.features.get(n)
-        if r.weight is None and F is None:
+        if n in gq_set or (r.weight is None and n not in prep.features):
             continue
-        W = m.weight.detach()
-        Wf = W.double() if F is None else F.fold_weight(W.double())
+        Wf = _folded(prep, n, m, r)
         wq = r.weight
-        if wq is not None and wq.lowrank:
-            if wq.lowrank >= min(Wf.shape):
-                raise ValueError(f"{n}: lowrank={wq.lowrank} must be below min(out, in) = {min(Wf.shape)}")
-            U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
-            A, B = U[:, :wq.lowrank] * S[:wq.lowrank], Vh[:wq.lowrank]  # L_r = A B, (out, r) (r, in)
-            prep.lowrank[n] = (A.to(dtype=W.dtype, device=W.device), B.to(dtype=W.dtype, device=W.device))
-            Wf = Wf - A @ B
-        todo[n] = (W, Wf)
-        if wq is not None and wq.method == "gptq":
-            # layers fed one tensor (q/k/v, gate/up) share one Hessian: GPTQ treats output rows
-            # independently given H, so their stacked rows are quantized in one call (one
-            # Cholesky factorisation instead of one per layer; the same result)
-            gptq_groups.setdefault((id(stats.H[n]), id(F), wq), []).append(n)
-    for n, (W, Wf) in todo.items():
-        wq = resolved[n][1].weight
-        if wq is None:
-            out = Wf
-        elif wq.method == "rtn":
-            out = quant.fake_quant(Wf, wq.bits, symmetric=wq.symmetric, clip_ratio=wq.clip_ratio,
-                                   block_size=wq.group_size)
-        else:
-            continue
-        prep.weights[n] = out.to(dtype=W.dtype, device=W.device)
+        out = Wf if wq is None else quant.fake_quant(Wf, wq.bits, symmetric=wq.symmetric, clip_ratio=wq.clip_ratio,
+                                                     block_size=wq.group_size)
+        prep.weights[n] = out.to(dtype=m.weight.dtype, device=m.weight.device)
+        del Wf, out
+    # GPTQ on one full-precision calibration pass: layers fed one tensor (q/k/v, gate/up) share one
+    # Hessian: GPTQ treats output rows independently given H, so their stacked rows are quantized in
+    # one call (one Cholesky factorisation instead of one per layer; the same result)
+    gptq_groups: dict[tuple, list[str]] = {}
+    for n in once:
+        gptq_groups.setdefault((id(stats.H[n]), id(prep.features.get(n)), resolved[n][1].weight), []).append(n)
     for (_, _, wq), members in tqdm(list(gptq_groups.items()), desc="GPTQ", disable=not progress, leave=False):
-        F = prep.features.get(members[0])
-        H = stats.H[members[0]].H
-        Wf = torch.cat([todo[n][1] for n in members])
-        if F is not None:  # the Hessian of the transformed inputs x R: R^T H R
-            H = F.forward(F.forward(H.to(Wf.device)).T).T
-        out = gptq.gptq_quantize(Wf, H.to(Wf.device), wq.bits, group_size=wq.group_size, symmetric=wq.symmetric,
-                                 clip_ratio=wq.clip_ratio, damp=wq.damp, act_order=wq.act_order)
-        for n, part in zip(members, out.split([todo[n][1].shape[0] for n in members])):
-            W = todo[n][0]
-            prep.weights[n] = part.to(dtype=W.dtype, device=W.device)
+        _gptq_group(prep, resolved, members, stats.H[members[0]].H, wq)
+        for n in members:  # the accumulator is freed once no group reads it
+            del stats.H[n]
+    if seq:
+        _sequential_gptq(model, recipe, resolved, prep, seq, calib, forward, batch_size, progress)
     return prep
+
+
+def _folded(prep: Prepared, n: str, m: nn.Linear, r: Rule) -> torch.Tensor:
+    r"""The weight of ``n`` in float64, folded with its feature transform (:math:`W R^{-\top}`); for a
+    ``lowrank`` rule the top-r part goes to ``prep.lowrank[n]`` and the residual is returned."""
+    F = prep.features.get(n)
+    W = m.weight.detach()
+    Wf = W.double() if F is None else F.fold_weight(W.double())
+    wq = r.weight
+    if wq is not None and wq.lowrank:
+        if wq.lowrank >= min(Wf.shape):
+            raise ValueError(f"{n}: lowrank={wq.lowrank} must be below min(out, in) = {min(Wf.shape)}")
+        U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
+        A, B = U[:, :wq.lowrank] * S[:wq.lowrank], Vh[:wq.lowrank]  # L_r = A B, (out, r) (r, in)
+        prep.lowrank[n] = (A.to(dtype=W.dtype, device=W.device), B.to(dtype=W.dtype, device=W.device))
+        Wf = Wf - A @ B
+    return Wf
+
+
+def _gptq_group(prep: Prepared, resolved: dict, members: list, H: torch.Tensor, wq: WeightQuant) -> None:
+    """GPTQ of the linears ``members`` (one input, one feature transform, one setting): their folded
+    weights stacked by rows and quantized with the Hessian ``H`` of their common input, turned into
+    that of the transformed input :math:`x R` (:math:`R^\\top H R`)."""
+    F = prep.features.get(members[0])
+    parts = [_folded(prep, n, *resolved[n]) for n in members]
+    sizes = [p.shape[0] for p in parts]
+    Wf = torch.cat(parts)
+    del parts
+    if F is not None:  # the Hessian of the transformed inputs x R: R^T H R
+        H = F.forward(F.forward(H.to(Wf.device)).T).T
+    out = gptq.gptq_quantize(Wf, H.to(Wf.device), wq.bits, group_size=wq.group_size, symmetric=wq.symmetric,
+                             clip_ratio=wq.clip_ratio, damp=wq.damp, act_order=wq.act_order)
+    del Wf, H
+    for n, part in zip(members, out.split(sizes)):
+        W = resolved[n][0].weight
+        prep.weights[n] = part.to(dtype=W.dtype, device=W.device)
+
+
+def _weights_only(recipe: Recipe) -> Recipe:
+    """``recipe`` without activation and K/V quantization and without its network step: what the
+    calibration forwards of sequential GPTQ run (the prepared weights, their feature transforms and
+    low-rank branches). Its ``prep_key`` names the same rules' weight settings."""
+    return Recipe(tuple(replace(r, act=None) for r in recipe.rules), name=f"{recipe.name} (weights only)")
+
+
+def _sequential_gptq(model, recipe, resolved, prep, names, calib, forward, batch_size, progress) -> None:
+    """GPTQ of ``names`` decoder layer by decoder layer (see :class:`WeightQuant`'s ``sequential``),
+    with the block-by-block mechanism of :mod:`stamp_lib.model.blocks`: layer 0's inputs captured
+    for every calibration window; per layer, passes that each capture the next group of linears fed
+    one input (the prepared weights of everything quantized so far swapped in, through
+    :func:`apply` with the weights-only recipe; the pass stops once the group's input is seen),
+    GPTQ of the group with that Hessian (freed after), and at the end the layer's outputs, the next
+    layer's inputs. Everything else is already prepared (``prep.weights``)."""
+    from tqdm.auto import tqdm
+
+    from . import blocks
+
+    if forward is not None or not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.is_floating_point():
+        raise ValueError("sequential GPTQ runs the decoder layer by layer on token windows: pass calib= as token ids "
+                         f"(n, s) and no forward= (got calib {getattr(calib, 'shape', type(calib).__name__)}"
+                         f"{', forward=' if forward is not None else ''})")
+    prefix, dec, layers = blocks.decoder(model)
+    base = f"{prefix}.layers." if prefix else "layers."
+    per_layer: dict[int, list[str]] = {}
+    for n in names:
+        idx = n[len(base):].split(".")[0] if n.startswith(base) else ""
+        if not idx.isdigit() or int(idx) >= len(layers):
+            raise ValueError(f"{n}: sequential GPTQ quantizes linears inside the decoder layers ({base}<i>.*) only; "
+                             "match this layer with another rule, or use sequential=False")
+        per_layer.setdefault(int(idx), []).append(n)
+    wo = _weights_only(recipe)
+    last = max(per_layer)
+    x, kws = blocks.layer_inputs(model, dec, calib)
+    bar = tqdm(total=len(names), desc="GPTQ (layer by layer)", disable=not progress, leave=False)
+    for i in range(last + 1):
+        layer, kw = layers[i], kws[i]
+        pending = per_layer.get(i, [])
+        while pending:
+            acc, group = _next_group_hessian(model, wo, prep, layer, pending, x, kw, batch_size)
+            H = acc.take()  # in the accumulator's memory: one d x d matrix
+            del acc
+            parts: dict[tuple, list[str]] = {}  # one input, but possibly other settings or transforms
+            for n in group:
+                parts.setdefault((id(prep.features.get(n)), resolved[n][1].weight), []).append(n)
+            for (_, wq), members in parts.items():
+                _gptq_group(prep, resolved, members, H, wq)
+                bar.update(len(members))
+            del H
+            pending = [n for n in pending if n not in group]
+        if i < last:  # the next layer's inputs: this layer, quantized, on every window
+            with apply(model, wo, _partial(wo, prep), progress=False):
+                x = blocks.layer_outputs(layer, x, kw, batch_size)
+    bar.close()
+    prep.info["gptq"] = "sequential"
+
+
+def _partial(wo: Recipe, prep: Prepared) -> Prepared:
+    """The part of ``prep`` prepared so far, for :func:`apply` with the weights-only recipe: a
+    linear whose weight is not prepared yet keeps its original weight and its plain input."""
+    return Prepared(key=wo.prep_key(), weights=prep.weights, lowrank=prep.lowrank,
+                    features={n: F for n, F in prep.features.items() if n in prep.weights})
+
+
+def _next_group_hessian(model, wo, prep, layer, pending, x, kw, batch_size):
+    """``(HessianAccumulator, members)``: the Hessian of the first input that a linear of ``pending``
+    reads when ``layer`` runs on the windows of ``x`` (everything prepared so far quantized), and the
+    pending linears fed that same tensor (:func:`stamp_lib.model.capture.capturing`'s dedup), in
+    ``pending``'s order. Each forward stops at the first pending linear with another input."""
+    from . import blocks
+
+    acc = gptq.HessianAccumulator()
+    first: list[str] = []
+
+    def on_input(name, t):
+        if not first:
+            first.append(name)
+        elif name != first[0]:
+            raise blocks.Stop  # the next group's input: the rest of the layer is not needed
+        acc.add(t)
+
+    with apply(model, wo, _partial(wo, prep), progress=False), \
+            capture.capturing(model, pending, on_input, dedup=True) as h:
+        for b in range(0, x.shape[0], batch_size):
+            h.new_pass()
+            try:
+                blocks.call_layer(layer, x[b:b + batch_size], kw)
+            except blocks.Stop:
+                pass
+    if not first:
+        raise RuntimeError(f"sequential GPTQ: none of {pending} was called when its decoder layer ran")
+    group = {first[0]} | {a for a, c in h.aliases.items() if c == first[0]}
+    return acc, [n for n in pending if n in group]
 
 
 # ----------------------------------------------------------------------------- application

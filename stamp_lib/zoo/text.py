@@ -20,6 +20,26 @@ Contract
   shorter than a window is dropped. For tokenizers whose convention starts a text with BOS
   (Gemma) every window is BOS + ``seq_len - 1`` stream tokens. Perplexity over these windows
   scores every window on its own, with no context carried over from the previous window.
+
+WikiText-2, the quantization papers' protocol (``python -m stamp_lib llm --dataset wikitext2``):
+
+* :func:`wikitext2` -> ``{"train": [...], "test": [...]}``: the lines of ``wikitext-2-raw-v1``
+  through the ``datasets`` package (``datasets.load_dataset("wikitext", "wikitext-2-raw-v1")``,
+  read from the local cache when ``HF_DATASETS_OFFLINE=1``), or from a local copy: a folder written
+  by ``DatasetDict.save_to_disk`` or one holding the Hub repository's parquet files (train/test,
+  optionally under ``wikitext-2-raw-v1/``). Missing data raises :class:`TextDataMissing` whose one
+  line says how to get it (:data:`WIKITEXT2_HINT`).
+* :func:`stream_windows` -> LongTensor (n, seq_len): the texts joined with ``"\n\n"``, tokenized
+  once as the tokenizer does by default (its BOS once at the start of the stream, for tokenizers
+  that add one), cut into non-overlapping windows, the tail dropped: the evaluation of GPTQ's,
+  QuaRot's and FlatQuant's ``get_wikitext2(..., eval_mode=True)`` / ``llama_eval``.
+* :func:`random_windows` -> LongTensor (n, seq_len): calibration windows drawn as GPTQ's
+  ``get_wikitext2`` draws them (QuaRot's and FlatQuant's copy it): the train split joined with
+  ``"\n\n"`` and tokenized once, then ``random.seed(seed)`` and ``n`` times
+  ``i = random.randint(0, N - seq_len - 1)``, the window ``ids[i:i + seq_len]`` (Python's
+  ``random``, here a private ``random.Random(seed)``: the same draws, the global state untouched).
+  GPTQ's own repository joins the train split with ``" "``; QuaRot and FlatQuant, whose numbers
+  the paper compares with, join it with ``"\n\n"``: that is used here.
 """
 
 from __future__ import annotations
@@ -30,6 +50,8 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
+import random
 import re
 from pathlib import Path
 
@@ -39,6 +61,12 @@ from ..core.io import atomic_write, cache_dir
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 GENSIM_PIN = "gensim==4.4.0"
+DATASETS_PIN = "datasets==5.2.0"
+WIKITEXT2 = ("wikitext", "wikitext-2-raw-v1")
+WIKITEXT2_HINT = ("on a machine with network access run `python -c \"import datasets; "
+                  "datasets.load_dataset('wikitext', 'wikitext-2-raw-v1')\"`, then copy its Hugging Face datasets "
+                  "cache here (the folder HF_DATASETS_CACHE names, default ~/.cache/huggingface/datasets) and set "
+                  "HF_DATASETS_OFFLINE=1; or save it with `.save_to_disk(DIR)` and pass --dataset-path DIR")
 CLEAN_VERSION = 1  # bump when clean_wiki changes (invalidates the cached JSON)
 MIN_LINE_WORDS = 4  # shorter non-heading lines are table cells, empty bullets, template junk
 MIN_ARTICLE_WORDS = 100
@@ -169,27 +197,36 @@ def token_stream(tokenizer, articles, cache: bool = True) -> torch.Tensor:
     texts = _texts(articles)
     eos = getattr(tokenizer, "eos_token_id", None)
     sep = [eos] if eos is not None else tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+
+    def tokenize():
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        stream = []
+        for i, x in enumerate(ids):
+            stream.extend(x if i == 0 else sep + x)
+        return torch.tensor(stream, dtype=torch.long)
+
+    return _cached_ids(tokenizer, texts, "tokens", tokenize, cache)
+
+
+def _cached_ids(tokenizer, texts: list[str], kind: str, compute, cache: bool = True) -> torch.Tensor:
+    """``compute()`` (a 1-D LongTensor of token ids), kept in ``cache_dir("text")`` as
+    ``<kind>-<tokenizer hash>-<texts hash>.pt`` (int32) for fast tokenizers, read back next time."""
     fp = _tokenizer_fingerprint(tokenizer) if cache else None
-    cache = fp is not None
-    if cache:
-        h = hashlib.sha256()
-        for t in texts:
-            h.update(t.encode("utf-8") + b"\0")
-        path = cache_dir("text") / f"tokens-{fp}-{h.hexdigest()[:16]}.pt"
-    if cache and path.is_file():
+    if fp is None:
+        return compute()
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\0")
+    path = cache_dir("text") / f"{kind}-{fp}-{h.hexdigest()[:16]}.pt"
+    if path.is_file():
         try:
             return torch.load(path).long()
         except Exception:  # a partial file: rebuild below
             pass
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    stream = []
-    for i, x in enumerate(ids):
-        stream.extend(x if i == 0 else sep + x)
-    out = torch.tensor(stream, dtype=torch.long)
-    if cache:
-        buf = io.BytesIO()
-        torch.save(out.to(torch.int32), buf)
-        atomic_write(path, buf.getvalue())
+    out = compute()
+    buf = io.BytesIO()
+    torch.save(out.to(torch.int32), buf)
+    atomic_write(path, buf.getvalue())
     return out
 
 
@@ -228,3 +265,104 @@ def token_windows(tokenizer, articles, seq_len: int, n_windows: int | None = Non
     if bos:
         w = torch.cat([torch.full((n_windows, 1), tokenizer.bos_token_id, dtype=torch.long), w], 1)
     return w.clone()
+
+
+# ----------------------------------------------------------------------------- WikiText-2
+def wikitext2(path: str | os.PathLike | None = None, *, cache_dir: str | None = None) -> dict[str, list[str]]:
+    """The lines of WikiText-2 (``wikitext-2-raw-v1``): ``{"train": [...], "test": [...]}`` (and
+    ``"validation"`` where present), as the ``datasets`` package gives them (empty lines included).
+
+    ``path=None``: ``datasets.load_dataset("wikitext", "wikitext-2-raw-v1")``: from the local
+    Hugging Face datasets cache (``HF_DATASETS_OFFLINE=1``), else downloaded. ``path``: a local
+    copy, a folder written by ``DatasetDict.save_to_disk`` or one holding the Hub repository's
+    files (``train-*.parquet``, ``test-*.parquet``, possibly under ``wikitext-2-raw-v1/``; read with
+    ``datasets.load_dataset(folder)``, which converts them once into ``cache_dir``). Raises
+    :class:`TextDataMissing` (one line: what is missing and how to get it)."""
+    try:
+        import datasets
+    except ImportError:
+        raise TextDataMissing(f"the datasets package is not installed; install it with: pip install {DATASETS_PIN}") \
+            from None
+    if path is None:
+        try:
+            dd = datasets.load_dataset(*WIKITEXT2, cache_dir=cache_dir)
+        except Exception as e:  # noqa: BLE001 - offline, not cached, no network: all one answer
+            why = " ".join(str(e).split())[:160]
+            raise TextDataMissing(f"WikiText-2 ({WIKITEXT2[1]}) could not be loaded through the datasets package "
+                                  f"({type(e).__name__}: {why}); {WIKITEXT2_HINT}") from None
+    else:
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise TextDataMissing(f"{p} is not a folder; {WIKITEXT2_HINT}")
+        try:
+            if (p / "dataset_dict.json").is_file():
+                dd = datasets.load_from_disk(str(p))
+            else:
+                sub = p / WIKITEXT2[1]
+                dd = datasets.load_dataset(str(sub if sub.is_dir() else p), cache_dir=cache_dir)
+        except Exception as e:  # noqa: BLE001 - an unreadable folder: one answer
+            why = " ".join(str(e).split())[:160]
+            raise TextDataMissing(f"{p} holds no readable copy of WikiText-2 ({type(e).__name__}: {why}); "
+                                  f"{WIKITEXT2_HINT}") from None
+    out = {}
+    for split in ("train", "validation", "test"):
+        if split in dd:
+            if "text" not in dd[split].column_names:
+                raise TextDataMissing(f"the {split} split has no 'text' column (columns: {dd[split].column_names}); "
+                                      f"{WIKITEXT2_HINT}")
+            out[split] = list(dd[split]["text"])
+    missing = [s for s in ("train", "test") if s not in out]
+    if missing:
+        raise TextDataMissing(f"the copy of WikiText-2 lacks the split(s) {missing} (it has {sorted(out)}); "
+                              f"{WIKITEXT2_HINT}")
+    return out
+
+
+def joined_ids(tokenizer, texts: list[str], cache: bool = True) -> torch.Tensor:
+    """1-D LongTensor: ``"\n\n".join(texts)`` tokenized once, with the tokenizer's default special
+    tokens (BOS once at the start for tokenizers that add one), as the published evaluation does.
+    Cached like :func:`token_stream` (fast tokenizers only)."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of strings (the lines of a split)")
+    texts = list(texts)
+
+    def tokenize():
+        return torch.tensor(tokenizer("\n\n".join(texts), verbose=False)["input_ids"], dtype=torch.long)
+
+    return _cached_ids(tokenizer, texts, "joined", tokenize, cache)
+
+
+def stream_windows(tokenizer, texts: list[str], seq_len: int, n_windows: int | None = None,
+                   cache: bool = True) -> torch.Tensor:
+    """LongTensor (n, seq_len): consecutive non-overlapping windows of :func:`joined_ids`, the tail
+    shorter than a window dropped (the evaluation protocol of GPTQ, QuaRot and FlatQuant).
+    ``n_windows``: the first ``n_windows`` (an error if fewer exist); ``None``: all of them."""
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    ids = joined_ids(tokenizer, texts, cache)
+    n_avail = len(ids) // seq_len
+    if n_windows is None:
+        n_windows = n_avail
+    if not isinstance(n_windows, int) or n_windows < 1:
+        raise ValueError(f"n_windows must be a positive int or None, got {n_windows!r}")
+    if n_windows > n_avail:
+        raise ValueError(f"asked for {n_windows} windows of {seq_len} tokens but the text has {len(ids)} tokens "
+                         f"({n_avail} windows); use fewer/shorter windows")
+    return ids[: n_windows * seq_len].view(n_windows, seq_len).clone()
+
+
+def random_windows(tokenizer, texts: list[str], seq_len: int, n_windows: int, seed: int = 0,
+                   cache: bool = True) -> torch.Tensor:
+    """LongTensor (n, seq_len): ``n_windows`` calibration windows drawn as GPTQ's ``get_wikitext2``
+    draws them (module docstring): start ``i = randint(0, N - seq_len - 1)`` of ``random.Random(seed)``,
+    once per window, over :func:`joined_ids` (N tokens). Windows may overlap, as there."""
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    if isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows < 1:
+        raise ValueError(f"n_windows must be a positive int, got {n_windows!r}")
+    ids = joined_ids(tokenizer, texts, cache)
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len} plus one; use shorter windows")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seq_len - 1) for _ in range(n_windows)]
+    return torch.stack([ids[i:i + seq_len] for i in starts])
