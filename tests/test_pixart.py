@@ -133,6 +133,10 @@ def test_protocol_computes_paired_sqnr(pipe, prompts):
     for r in out["configs"].values():
         assert len(r["per_image_db"]) == 2 and all(abs(v) < 200 for v in r["per_image_db"])
         assert r["act_bits"] > 4
+        # the paper's average is over image tokens: 4 of the 16 tokens of the 4 x 4 grid at 8 bits
+        by = r["act_bits_by_role"]
+        assert set(by) == {"image", "text", "time"} and r["act_bits"] == by["image"] == pytest.approx(5.0)
+        assert all(4 <= v <= 8 for v in by.values()), by
     p = out["paired"]["rtn W4A4 +stamp"]
     a, b = (torch.tensor(out["configs"][k]["per_image_db"]) for k in ("rtn W4A4", "rtn W4A4 +stamp"))
     assert p["n"] == 2 and p["delta_db"] == pytest.approx(float((b - a).mean()))

@@ -374,8 +374,9 @@ def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0
                  steps: int = 20, guidance_scale: float = 4.5, calib: list | None = None, progress=True,
                  store=None) -> dict:
     """Figure 1 / Table 1 on ``pipe``: per configuration, the SQNR (dB) of every decoded image (and
-    of its final latent) against full precision from the same prompt and latents, the bits spent,
-    and paired differences ``+stamp`` minus baseline. Returns a JSON-ready dict.
+    of its final latent) against full precision from the same prompt and latents, the bits spent
+    (``act_bits``: per image token, the paper's average; ``act_bits_by_role``: image, text and
+    timestep inputs apart), and paired differences ``+stamp`` minus baseline. Returns a JSON-ready dict.
 
     ``progress``: one bar over every generated image (``True``: shown when stderr is a terminal,
     never in a log file; ``False``: none; a tqdm bar: advanced instead, the caller's single bar).
@@ -390,6 +391,8 @@ def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0
 
     tr = pipe.transformer
     check_transformer(tr)
+    role_of = roles(tr)  # bits spent are reported per role: image tokens (the paper's average), text, timestep
+    by_role = {r: {n for n, v in role_of.items() if v == r} for r in ("image", "text", "time")}
     store = cellstore.resolve(store, "pixart")
     before = store.counts() if store is not None else None
     jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
@@ -456,7 +459,9 @@ def run_protocol(pipe, prompts: Prompts, configs: dict[str, Recipe], *, seeds=(0
         mean, se = stats.mean_se(v)
         res[name] = {"sqnr_image_db": mean, "se_db": se, "per_image_db": v.tolist(),
                      "sqnr_latent_db": float(torch.cat(lat_sq).mean()),
-                     "act_bits": st.average_bits(), "seconds": round(time.perf_counter() - t0, 2),
+                     "act_bits": st.average_bits(layers=by_role["image"]),
+                     "act_bits_by_role": {k: st.average_bits(layers=v) for k, v in by_role.items()},
+                     "seconds": round(time.perf_counter() - t0, 2),
                      "recipe": r.knobs()}
         if ckey is not None:
             store.put(ckey, res[name])
@@ -686,7 +691,8 @@ def main(argv=None) -> dict:
     for k, r in out["configs"].items():
         pr = out["paired"].get(k)
         extra = f"   paired {pr['delta_db']:+.2f} +- {pr['se_db']:.2f} ({pr['wins']}/{pr['n']})" if pr else ""
-        print(f"{k:24s} SQNR {r['sqnr_image_db']:6.2f} dB +- {r['se_db']:.2f}  bits {r['act_bits']:.4f}{extra}")
+        print(f"{k:24s} SQNR {r['sqnr_image_db']:6.2f} dB +- {r['se_db']:.2f}  bits on image tokens "
+              f"{r['act_bits']:.4f}{extra}")
     path = Path(a.out) if a.out else results_dir() / "pixart" / f"{Path(a.model).name}.json"
     write_json(path, out, quiet=a.quiet)
     return out

@@ -692,9 +692,11 @@ class Applied:
         """The (h, w) token grid of the current forward, for rules with ``grid="auto"``."""
         self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
 
-    def average_bits(self, kind: str = "act") -> float:
-        """Bits per token actually spent, over all calls: ``"act"`` (linear inputs) or ``"kv"``."""
-        sel = [v for k, v in self.stats.items() if k.startswith("kv.") == (kind == "kv")]
+    def average_bits(self, kind: str = "act", layers=None) -> float:
+        """Bits per token actually spent, over all calls: ``"act"`` (linear inputs) or ``"kv"``;
+        ``layers``: only these layer names (``nan`` if none of them ran)."""
+        sel = [v for k, v in self.stats.items() if k.startswith("kv.") == (kind == "kv")
+               and (layers is None or k in layers)]
         tok = sum(v.tokens for v in sel)
         return sum(v.bits for v in sel) / tok if tok else float("nan")
 
