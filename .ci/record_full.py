@@ -77,24 +77,31 @@ def _parser():
     return p
 
 
-def record(path: Path, full_dir: Path, resume: bool = True) -> float:
-    """Execute one chapter at full size into a scratch folder, then move its record into place
-    (with ``cells``: the cells computed and reused, per experiment and in all)."""
+def execute(path: Path, size: str, scratch: Path) -> dict:
+    """Execute one chapter top to bottom (nbclient, cwd notebooks/) at ``STUDY_SIZE=size`` with its
+    results file written into ``scratch``; that file's data."""
     import jupytext
     from nbclient import NotebookClient
 
-    scratch = Path(tempfile.mkdtemp(prefix="record-full-"))
-    tally = scratch / "cells.tally"
-    os.environ.update(STUDY_SIZE="full", STAMP_RESULTS=str(scratch), **{cells.ENV_TALLY: str(tally)})
-    os.environ[cells.ENV_RESUME] = "1" if resume else "0"
-    t0 = time.perf_counter()
+    os.environ.update(STUDY_SIZE=size, STAMP_RESULTS=str(scratch))
     nb = jupytext.read(path)
     NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=nb.metadata.get("kernelspec", {}).get("name", "python3"),
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     out = scratch / f"{path.stem}.json"
     if not out.is_file():
-        raise SystemExit(f"record_full: {path.name} ran but wrote no {out.name} (no run.save()?)")
-    data = json.loads(out.read_text())
+        raise SystemExit(f"{path.name} ran but wrote no {out.name} (no run.save()?)")
+    return json.loads(out.read_text())
+
+
+def record(path: Path, full_dir: Path, resume: bool = True) -> float:
+    """Execute one chapter at full size into a scratch folder, then move its record into place
+    (with ``cells``: the cells computed and reused, per experiment and in all)."""
+    scratch = Path(tempfile.mkdtemp(prefix="record-full-"))
+    tally = scratch / "cells.tally"
+    os.environ[cells.ENV_TALLY] = str(tally)
+    os.environ[cells.ENV_RESUME] = "1" if resume else "0"
+    t0 = time.perf_counter()
+    data = execute(path, "full", scratch)
     by = cells.read_tally(tally)
     data["cells"] = {"resume": resume, "computed": sum(d["computed"] for d in by.values()),
                      "reused": sum(d["reused"] for d in by.values()), "by_experiment": by}

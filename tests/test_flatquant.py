@@ -322,3 +322,25 @@ def test_flatquant_recipe_errors_name_the_fix():
     m = tiny("llama")
     with pytest.raises(ValueError, match="pass calib="):
         rcp.prepare(m, _flat_recipe(cfg), None, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_calibrated_in_float32_and_restored(dtype):
+    """A bfloat16 / float16 checkpoint (the paper's models on a GPU): each layer is calibrated in
+    float32 (linear solves have no half-precision kernels) and cast back, the online transforms
+    and quantizers run in float32 on the half-precision inputs, and the model is restored exactly."""
+    m = tiny("llama").to(dtype)
+    snap = snapshot(m)
+    with torch.no_grad():
+        plain = logits(m)
+    cfg = fm.FlatQuantConfig(epochs=1, batch_size=2)
+    res = fm.calibrate(m, CALIB, cfg)
+    assert_restored(m, snap)
+    assert all(p.dtype == torch.float32 for F in res.layers for p in F.parameters())
+    with fm.flatquant(m, res, quantize=False):  # the transforms alone: the same function, to half precision
+        same = logits(m)
+    assert same.dtype == dtype and max_err(same.float(), plain.float()) < 0.05 * float(plain.float().abs().max())
+    with fm.flatquant(m, res) as st:
+        q = logits(m)
+    assert q.dtype == dtype and bool(torch.isfinite(q).all()) and st.average_bits("act") == 4.0
+    assert_restored(m, snap)

@@ -43,6 +43,29 @@ def _save_tiny(kind, path, tok):
     return path
 
 
+def test_paper_runs_show_the_paper_models_files_beside_the_paper(tmp_path, tokenizer):
+    """Chapter 3's 'paper's models' table: the results files the CLI wrote for a checkpoint named
+    as a paper model are paired without -> with STaMP and shown beside the paper's Table 2 cell;
+    other models' files are ignored, an unreadable file is listed, never fatal."""
+    from stamp_lib.experiments import runbook
+
+    paper = _save_tiny("llama", tmp_path / "Meta-Llama-3-8B", tokenizer)
+    other = _save_tiny("llama", tmp_path / "my-model", tokenizer)
+    res = tmp_path / "res"
+    for folder, stamp in ((paper, "none"), (paper, "dwt"), (other, "dwt")):
+        llm.main(["--model", str(folder), "--stamp", stamp, "--seq-len", "64", "--windows", "1", "--hp-tokens", "4",
+                  "--out", str(res / f"{folder.name}-{stamp}.json"), "--no-progress", "--quiet"])
+    (res / "broken.json").write_text("{")
+    runs = runbook.paper_runs("llm", res)
+    assert [r["stamp"] for r in runs.rows] == ["dwt", "none"] and {r["model"] for r in runs.rows} == {"Llama-3-8B"}
+    assert [f for f, _ in runs.skipped] == ["broken.json"]
+    header, rows = runbook.paper_table(runs)
+    ppl = {r["stamp"]: r["ppl"] for r in runs.rows}
+    assert rows == [["Llama-3-8B", "rtn (rtn)", "W4A4KV4", "wiki, 1 x 64", f"{ppl['none']:.4g} → {ppl['dwt']:.4g}",
+                     "668 → 95.3"]]
+    assert runbook.paper_runs("llm", tmp_path / "none").rows == []
+
+
 @pytest.mark.parametrize("kind, method, weights", [("llama", "quarot", "gptq"), ("gemma3", "smoothquant", "rtn")])
 def test_cli_runs_a_checkpoint_folder_and_writes_every_knob(tmp_path, tokenizer, kind, method, weights, capsys):
     folder = _save_tiny(kind, tmp_path / kind, tokenizer)

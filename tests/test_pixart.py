@@ -309,14 +309,14 @@ def _text_stack(words):
     return tok, enc
 
 
-def _save_with_text(tmp_path, words):
+def _save_with_text(tmp_path, words, name="with-text"):
     from diffusers import PixArtSigmaPipeline
 
     base = P.tiny_pipeline(seed=0)
     tok, enc = _text_stack(words)
     pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=enc, vae=base.vae, transformer=base.transformer,
                                scheduler=base.scheduler)
-    folder = tmp_path / "with-text"
+    folder = tmp_path / name
     pipe.save_pretrained(folder)
     return folder
 
@@ -325,20 +325,30 @@ def test_cli_end_to_end(tmp_path):
     """`python -m stamp_lib pixart` on a saved tiny pipeline with a real tokenizer and T5 encoder:
     prompts read, encoded, calibration, the ten Figure 1 / Table 1 cells, a JSON file."""
     texts = [ln.split() for ln in ("a red apple on a table", "two dogs in a field", "a boat on a lake")]
-    folder = _save_with_text(tmp_path, sorted({w for t in texts for w in t}))
+    # a folder named as the paper's checkpoint: chapter 4 shows its results file (runbook.paper_runs)
+    folder = _save_with_text(tmp_path, sorted({w for t in texts for w in t}), name="PixArt-Sigma-XL-2-1024-MS")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# test prompts\n" + "\n".join(" ".join(t) for t in texts) + "\n")
     out = P.main(["--model", str(folder), "--prompts", str(prompts), "--calib-prompts", "1", "--height", "64",
                   "--width", "64", "--steps", str(STEPS), "--hp-tokens", "4", "--rank", "4", "--dtype", "float32",
-                  "--out", str(tmp_path / "r.json")])
+                  "--out", str(tmp_path / "res" / "r.json")])
     assert len(out["configs"]) == 12 and out["n_images"] == 2 and len(out["paired"]) == 5
-    saved = json.loads((tmp_path / "r.json").read_text())
+    saved = json.loads((tmp_path / "res" / "r.json").read_text())
     assert saved["configs"]["A4 +both"]["act_bits"] > 4
     # the record says what ran: a 64 px image is a 4x4 latent grid, so 3 Haar levels are capped at 2
     assert saved["applied"]["grid"] == [4, 4] and saved["applied"]["levels"] == 2
     assert saved["applied"]["seeds"] == [0] and saved["applied"]["device"] == "cpu"
     assert saved["command"].startswith(f"python -m stamp_lib pixart --model {folder} ")
     assert "--seeds 1 " in saved["command"] and "--hadamard-seed 0 " in saved["command"]
+    from stamp_lib.experiments import runbook
+
+    runs = runbook.paper_runs("pixart", tmp_path / "res")
+    assert runs.skipped == [] and [r["config"] for r in runs.rows] == list(saved["configs"])
+    assert {r["model"] for r in runs.rows} == {"PixArt-Sigma"} and runs.rows[0]["images"] == 2
+    header, rows = runbook.paper_table(runs)
+    want = saved["configs"]["A4 +both"]
+    assert ["PixArt-Sigma", "A4 +both", f"{want['sqnr_image_db']:.2f} ± {want['se_db']:.2f}",
+            f"{want['act_bits']:.3f}", "2"] in rows
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -149,3 +149,8 @@ def test_layer_by_layer_gptq_peak_is_below_the_one_pass_peak_and_near_its_formul
     assert seq["measured"] < old.preparing
     assert 0.9 <= seq["ratio"] <= 1.5, seq
     assert 0.9 <= one["ratio"] <= 1.5, one
+
+
+def test_memory_plan_refuses_a_model_that_is_not_a_decoder_llm():
+    with pytest.raises(ValueError, match="decoder-only language models.*Linear has none"):
+        R.memory_plan(torch.nn.Linear(4, 4))

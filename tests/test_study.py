@@ -393,3 +393,43 @@ def test_recertify_carries_a_record_over_a_cell_split_and_nothing_else(tmp_path,
     (nb_dir / "07_t.md").write_text(_NB.format(second="y = x + 5"))
     with pytest.raises(ValueError, match="other statements"):
         study.recertify("07_t", tmp_path, old_text=old)
+
+
+def test_replay_recertifies_only_unchanged_results(tmp_path, monkeypatch):
+    """A record goes stale when its code changes; a small-size replay carries it over only when
+    every value of the old run is in the new one and equal (volatile globs aside), with the old
+    run made with the record's code and the new one with the current code."""
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    monkeypatch.setattr(study, "REPO_ROOT", tmp_path)
+    (nb_dir / "07_t.md").write_text(_NB.format(second="y = x + 2"))
+    key = "notebooks/07_t.md#code"
+    h_old = study.notebook_code_hash(nb_dir / "07_t.md")
+    study.write_full_record({"notebook": "07_t", "commit": "abc", "code": {"files": {key: h_old}}}, tmp_path)
+    (nb_dir / "07_t.md").write_text(_NB.format(second="y = x + 5"))
+    h_new = study.notebook_code_hash(nb_dir / "07_t.md")
+    assert study.full_record("07_t", tmp_path).stale
+
+    def run(files, ppl, secs, extra=()):
+        recs = [{"name": "ppl", "value": {"ppl": ppl, "seconds": secs}, "knobs": {"w": 4}}, *extra]
+        return {"notebook": "07_t", "size": "small", "commit": "c", "dirty": False, "code": {"files": files},
+                "records": recs, "verdicts": [{"key": "k", "status": "partly"}], "glued": {"g": "1.0"},
+                "checks": []}
+
+    old, new = run({key: h_old}, 10.0, 3.0), run({key: h_new}, 10.0 * (1 + 1e-9), 9.0)
+    cmp = study.compare_results(old, new)
+    assert [d[0] for d in cmp["differ"]] == ["/records/ppl/value/seconds"] and cmp["missing"] == []
+    with pytest.raises(ValueError, match="1 values differ"):
+        study.recertify_by_replay("07_t", old, new, folder=tmp_path)
+    with pytest.raises(ValueError, match="not the record's"):  # the baseline must run the record's code
+        study.recertify_by_replay("07_t", run({key: h_new}, 10.0, 3.0), new, volatile=("*/seconds",), folder=tmp_path)
+    with pytest.raises(ValueError, match="1 values differ"):  # a real change of a number is never volatile
+        study.recertify_by_replay("07_t", old, run({key: h_new}, 10.1, 3.0), volatile=("*/seconds",), folder=tmp_path)
+    assert study.full_record("07_t", tmp_path).stale
+    added = [{"name": "new", "value": 1, "knobs": {}}]
+    rec = study.recertify_by_replay("07_t", old, run({key: h_new}, 10.0, 9.0, added), volatile=("*/seconds",),
+                                    folder=tmp_path)
+    r = rec.data["recertified"][-1]
+    assert not rec.stale and r["how"] == "replay" and r["volatile_values"] == 1 and r["files"] == [key]
+    assert r["added"] == ["/records/new/value"]  # an empty dict has no leaves
+    assert "small-size replay" in rec.when() and f"({r['compared']} values equal" in rec.when()

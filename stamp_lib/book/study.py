@@ -45,9 +45,11 @@ Conventions (chapters 1-4 follow them)
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import gzip
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -416,7 +418,12 @@ class FullRecord:
         line = (f"recorded {str(d.get('date', '?'))[:10]} at commit {commit}, wall time "
                 f"{d.get('wall_time_s', 0) / 60:.0f} min on {m.get('cpus', '?')} CPUs")
         for r in d.get("recertified", []):
-            line += f"; code cells re-certified at {str(r.get('commit') or '?')[:8]} (same statements)"
+            at = str(r.get("commit") or "?")[:8]
+            if r.get("how") == "replay":
+                line += (f"; code changes re-certified at {at} by a small-size replay "
+                         f"({r['compared']} values equal before and after)")
+            else:
+                line += f"; code cells re-certified at {at} (same statements)"
         if self.stale:
             line += f"; STALE: changed since: {', '.join(self.changed)}"
         return line
@@ -500,6 +507,107 @@ def recertify(notebook: str, folder: Path | None = None, *, old_text: str | None
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git("rev-parse", "HEAD"), "files": [key],
         "why": "the code cells run the same statements (equal syntax trees); cell boundaries or format changed"}]
+    write_full_record(data, folder)
+    return full_record(notebook, folder)
+
+
+def _leaves(x, path: str = ""):
+    """``(path, value)`` of every leaf of a results file's comparable part (records by name)."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _leaves(v, f"{path}/{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _leaves(v, f"{path}/{i}")
+    else:
+        yield path, x
+
+
+REPLAYED = ("records", "verdicts", "glued", "checks")  # the parts of a results file a replay compares
+
+
+def compare_results(old: dict, new: dict, *, volatile: tuple[str, ...] = (), rtol: float = 1e-6,
+                    atol: float = 1e-9) -> dict:
+    """Compare two results files of one notebook (:data:`REPLAYED` parts; records keyed by name):
+    every leaf of ``old`` must be in ``new`` and equal (numbers within ``rtol``/``atol``), except
+    leaves whose path matches a glob of ``volatile`` (timings, measured memory), which are counted,
+    not compared. Returns ``{"compared", "volatile", "differ": [(path, old, new)], "missing",
+    "added", "max_rel"}``; ``differ`` and ``missing`` empty means the same results."""
+    def flat(d):
+        part = {k: d.get(k) for k in REPLAYED}
+        part["records"] = {r["name"]: {"value": r.get("value"), "knobs": r.get("knobs")}
+                           for r in d.get("records", [])}
+        return dict(_leaves(part))
+
+    a, b = flat(old), flat(new)
+    out = {"compared": 0, "volatile": 0, "differ": [], "missing": [], "max_rel": 0.0,
+           "added": sorted(k for k in b if k not in a)}
+    for k, v in a.items():
+        if any(fnmatch.fnmatchcase(k, g) for g in volatile):
+            out["volatile"] += 1
+            continue
+        if k not in b:
+            out["missing"].append(k)
+            continue
+        w = b[k]
+        out["compared"] += 1
+        if isinstance(v, (int, float)) and isinstance(w, (int, float)) and not isinstance(v, bool):
+            if not (math.isclose(v, w, rel_tol=rtol, abs_tol=atol) or (math.isnan(v) and math.isnan(w))):
+                out["differ"].append((k, v, w))
+            elif v != w:
+                out["max_rel"] = max(out["max_rel"], abs(v - w) / max(abs(v), abs(w)))
+        elif v != w:
+            out["differ"].append((k, v, w))
+    return out
+
+
+def recertify_by_replay(notebook: str, old: dict, new: dict, *, volatile: tuple[str, ...] = (),
+                        folder: Path | None = None) -> FullRecord:
+    """Carry a full-size record over code changes that leave the notebook's results unchanged.
+
+    ``old`` is the notebook's small-size results file run with the code the record was made
+    with (every file hash of the record equal), ``new`` the same run with the current code.
+    When :func:`compare_results` finds every value of ``old`` in ``new`` and equal, the record's
+    code hashes are renewed and a ``recertified`` entry says so (``how: "replay"``, the number of
+    values compared, the volatile globs left out, the values added, the largest relative
+    difference), shown by :meth:`FullRecord.when`. It is evidence at the small size only: the
+    record says so; anything that differs raises ``ValueError`` (re-record instead)."""
+    folder = folder or full_dir()
+    rec = full_record(notebook, folder)
+    if rec is None:
+        raise ValueError(f"no full-size record of {notebook!r} in {folder}")
+    if not rec.stale:
+        return rec
+    for d, which in ((old, "old"), (new, "new")):
+        if d.get("notebook") != notebook or d.get("size") != "small":
+            raise ValueError(f"{notebook}: the {which} results file is not a small-size run of this notebook")
+        if d.get("dirty"):
+            raise ValueError(f"{notebook}: the {which} run had uncommitted edits; replay from clean commits")
+    theirs = {f: h for f, h in rec.data["code"]["files"].items() if not is_presentation(f)}
+    base = old.get("code", {}).get("files", {})
+    off = sorted(f for f, h in theirs.items() if base.get(f) != h)
+    if off:
+        raise ValueError(f"{notebook}: the old run's code is not the record's ({', '.join(off[:4])} differ); run the "
+                         f"baseline at the record's commit {str(rec.data.get('commit'))[:8]}")
+    now = new.get("code", {}).get("files", {})
+    gone = sorted(f for f, h in now.items() if current_hash(f) != h)
+    if gone or not now:
+        raise ValueError(f"{notebook}: the new run is not of the current code ({', '.join(gone[:4])} changed since)")
+    cmp = compare_results(old, new, volatile=volatile)
+    if cmp["differ"] or cmp["missing"]:
+        first = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in cmp["differ"][:3]) or ", ".join(cmp["missing"][:3])
+        raise ValueError(f"{notebook}: the results changed ({len(cmp['differ'])} values differ, "
+                         f"{len(cmp['missing'])} missing; {first}): re-record it")
+    data = dict(rec.data)
+    data["code"] = {**data["code"], "files": dict(now)}
+    data["recertified"] = [*data.get("recertified", []), {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": new.get("commit"), "how": "replay", "files": rec.changed, "baseline_commit": old.get("commit"),
+        "compared": cmp["compared"], "volatile": list(volatile), "volatile_values": cmp["volatile"],
+        "added": cmp["added"], "max_rel_diff": cmp["max_rel"],
+        "why": "a small-size run with the record's code and one with the changed code give the same results "
+               "(every value compared; volatile ones, timings and measured memory, not compared); the full size "
+               "was not re-run"}]
     write_full_record(data, folder)
     return full_record(notebook, folder)
 

@@ -44,7 +44,7 @@ import torch
 from ..core import metrics, quant, stats, transforms
 from ..model import capture, hooks
 from ..model import recipe as rcp
-from .seqstats import galaxy_noised, llama_layer_type, measure
+from .seqstats import galaxy_capture, llama_layer_type, measure
 
 __all__ = ["capture_llm", "capture_galaxy", "Sweep", "sweep", "hp_bits", "energy_profile", "allocations",
            "klt_per_layer", "made_of", "StaticOffset", "RunningMean", "input_means", "offset_hooks", "act_variant"]
@@ -71,9 +71,7 @@ def capture_galaxy(model, y0: torch.Tensor, t: float, noise_seed: int) -> dict[s
     of token-mixing inputs the channels (:func:`~stamp_lib.experiments.seqstats.galaxy_layer_type`)."""
     if not isinstance(y0, torch.Tensor) or y0.dim() != 4:
         raise ValueError("y0 must be clean samples (n, C, H, W) in model space (seqstats.galaxy_samples)")
-    y = galaxy_noised(y0, float(t), noise_seed)
-    cap = capture.capture_inputs(model, [y], "*", keep=True, forward=lambda m, b: m(b, float(t)), progress=False)
-    return {n: x.float() for n, x in cap.acts.items()}
+    return {n: x.float() for n, x in galaxy_capture(model, y0, t, noise_seed, keep=True).acts.items()}
 
 
 def klt_per_layer(calib: dict[str, torch.Tensor]) -> Callable[[str], transforms.KLT]:

@@ -400,10 +400,9 @@ def hotpath_benchmark(repeats: int = 5, threads: int | None = 1, *, layers: int 
 
 
 def _hotpath_benchmark(repeats, layers, prompt, decode, galaxy):
-    import inspect
-
     from transformers import DynamicCache
 
+    from ..model import kv
     from ..model import recipe as rcp
     from ..model.recipe import ActQuant, Recipe, Rule, WeightQuant
 
@@ -411,7 +410,7 @@ def _hotpath_benchmark(repeats, layers, prompt, decode, galaxy):
     model = _smollm2_sized(layers)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (1, prompt + decode), generator=gen)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = kv.cache_kwarg(model)
     lv = transforms.haar_levels(prompt, 64)
     w4, kv4 = WeightQuant(bits=4), ActQuant(bits="64x8+4")
     recipes = {

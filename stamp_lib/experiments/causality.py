@@ -31,11 +31,11 @@ Everything is fake quantization in floating point (simulation).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 
 import torch
 
+from ..model import kv
 from ..model import recipe as rcp
 
 __all__ = ["logits", "leak", "leak_signature", "causal_nll", "onepass_nll", "decode_nll", "positions_to_score"]
@@ -145,8 +145,7 @@ def decode_nll(model, window: torch.Tensor, prompt: int, recipe=None, prepared=N
     from transformers import DynamicCache
 
     w = w.to(next(model.parameters()).device)
-    # transformers 5 names the cache argument "cache", earlier versions "past_key_values"
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kw = kv.cache_kwarg(model)
     cache = DynamicCache(config=model.config)
     ctx = contextlib.nullcontext() if recipe is None else rcp.apply(model, recipe, prepared, progress=False)
     out = []

@@ -145,7 +145,7 @@ def galaxy_config(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
     ``a_bits``) without."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    alpha = (viditq.ALPHA if method == viditq.NAME else 0.5) if alpha is None else alpha
+    alpha = viditq.alpha_for(method, alpha)
     for v, what in ((hp_tokens, "hp_tokens"), (rank, "rank"), (levels, "levels")):
         _check_int(v, what)
     s = grid[0] * grid[1]

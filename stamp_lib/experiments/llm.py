@@ -538,6 +538,30 @@ def _count_or_all(v: str):
     return int(v)
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--method``, ``--weights``: shared by ``llm`` and ``zeroshot``."""
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | gemma3-270m | local folder | HF id in the cache")
+    p.add_argument("--method", default="rtn", choices=METHODS)
+    p.add_argument("--weights", default="rtn", choices=rcp.WEIGHT_METHODS)
+
+
+def add_bits_options(p: argparse.ArgumentParser) -> None:
+    """``--a-bits``, ``--w-bits``, ``--kv-bits``, ``--kv-stamp``: shared by ``llm`` and ``zeroshot``."""
+    p.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..16")
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..16")
+    p.add_argument("--kv-bits", type=int, default=4, help="K/V bits, 2..16; 0 leaves K/V in full precision")
+    p.add_argument("--kv-stamp", action="store_true", help="apply the sequence transform to K/V too")
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--device-map``, ``--dtype``, ``--threads``: shared by ``llm`` and ``zeroshot``."""
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cpu)")
+    p.add_argument("--device-map", default=None, help='e.g. "auto" for a large checkpoint on GPUs (needs accelerate)')
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="float16 is refused for Gemma (it overflows); use bfloat16 or float32")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; the record says how many)")
+
+
 def add_data_options(p: argparse.ArgumentParser) -> None:
     """``--dataset`` and ``--dataset-path``, shared by ``llm`` and ``zeroshot`` (checked by
     :func:`check_data_options`, read by :func:`check_inputs`)."""
@@ -567,17 +591,12 @@ def _parser() -> argparse.ArgumentParser:
         "W4A4KV4 perplexity of one Table 2 cell (fake quantization). Prints the perplexity with its "
         "spread over windows and writes a results file with every knob, what was applied and the "
         "command line that reruns the cell."))
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | gemma3-270m | local folder | HF id in the cache")
-    p.add_argument("--method", default="rtn", choices=METHODS)
-    p.add_argument("--weights", default="rtn", choices=rcp.WEIGHT_METHODS)
+    add_model_options(p)
     p.add_argument("--stamp", default="none", choices=STAMPS, help="sequence transform (none = bit-matched baseline)")
     p.add_argument("--levels", type=int, default=None,
                    help="Haar levels for --stamp dwt, at most ceil(log2 seq_len) (default log2(seq_len / hp_tokens): "
                         "5 at 2048 / 64)")
-    p.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..16")
-    p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..16")
-    p.add_argument("--kv-bits", type=int, default=4, help="K/V bits, 2..16; 0 leaves K/V in full precision")
-    p.add_argument("--kv-stamp", action="store_true", help="apply the sequence transform to K/V too")
+    add_bits_options(p)
     p.add_argument("--hp-tokens", type=int, default=64,
                    help="high-precision (transformed) rows, 0..seq_len (0: uniform --a-bits / --kv-bits on every token)")
     p.add_argument("--hp-bits", type=int, default=8, help="bits of the high-precision rows, 2..16")
@@ -611,11 +630,7 @@ def _parser() -> argparse.ArgumentParser:
                         "inputs of the layers quantized before it; one Hessian held at a time: what fits an 8B model "
                         "on one GPU); default: every Hessian from one pass of the full-precision model")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cpu)")
-    p.add_argument("--device-map", default=None, help='e.g. "auto" for a large checkpoint on GPUs (needs accelerate)')
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="float16 is refused for Gemma (it overflows); use bfloat16 or float32")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; the record says how many)")
+    add_device_options(p)
     p.add_argument("--out", default=None, help="results file (JSON); default data/results/llm/<model>-<recipe>.json")
     cli.add_resume_options(p, "llm", "cell")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -133,7 +133,7 @@ def pixart_recipe(method: str, *, stamp: bool = False, w_bits: int | None = 4, a
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if method == "fp":
         return Recipe((Rule("*"),), name="fp")
-    alpha = (viditq.ALPHA if method == viditq.NAME else 0.5) if alpha is None else alpha
+    alpha = viditq.alpha_for(method, alpha)
     lowrank = rank if method == "svdquant" else 0
     if w_bits is None and lowrank:
         raise ValueError("the svdquant low-rank branch needs quantized weights (w_bits)")

@@ -45,17 +45,20 @@ Nothing here runs a paper-sized model.
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import shlex
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from . import overhead
 
-__all__ = ["PAPER_LLMS", "TABLE2", "GPTQ_WORK", "FOLD_COPIES", "meta_model", "memory_plan", "memory_plan_all_at_once",
-           "table2_commands", "zeroshot_commands", "wrap", "measure_prepare_peak", "MemoryPlan"]
+__all__ = ["PAPER_LLMS", "PAPER_DITS", "TABLE2", "GPTQ_WORK", "FOLD_COPIES", "meta_model", "memory_plan",
+           "memory_plan_all_at_once", "table2_commands", "zeroshot_commands", "wrap", "measure_prepare_peak",
+           "MemoryPlan", "paper_runs", "paper_table", "PaperRuns"]
 
 # Hub ids and the shapes of their config.json (architecture constants, as published)
 PAPER_LLMS = {
@@ -72,6 +75,9 @@ PAPER_LLMS = {
                            num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
                            tie_word_embeddings=True),
 }
+# The paper's image models (Hub ids); only PixArt-Sigma has a command (``python -m stamp_lib pixart``)
+PAPER_DITS = {"PixArt-Sigma": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+              "SANA": "Efficient-Large-Model/Sana_1600M_1024px_diffusers"}
 # Table 2's rows: (method, weight quantizer); QuaRot as published quantizes its weights with GPTQ
 TABLE2 = (("fp", "rtn"), ("rtn", "rtn"), ("smoothquant", "rtn"), ("quarot", "gptq"), ("flatquant", "rtn"))
 STAMP_COLUMNS = ("none", "dwt")
@@ -130,7 +136,11 @@ class MemoryPlan:
 def _shapes(model: torch.nn.Module) -> dict:
     """P, P_lin, L, the input-group widths of one decoder layer, the largest linear (out x in) and
     the largest group of linears fed one input (sum of outs x in), the hidden width."""
-    layers = model.model.layers
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ValueError(f"memory_plan sizes decoder-only language models (a transformers *ForCausalLM whose "
+                         f".model.layers are the decoder layers: Llama, Qwen2, Gemma-3); {type(model).__name__} has "
+                         f"none. Image models (PixArt, SANA) are not sized here")
     lins = overhead.block_linears(layers[0])
     groups: dict[str, int] = {}
     outs: dict[str, int] = {}
@@ -314,3 +324,98 @@ def measure_prepare_peak(shape: dict, weights: str, *, n_calib: int = 2, seq_len
     formula = plan.preparing
     return dict(measured=got["after"] - got["before"], formula=formula, weights=weights, sequential=sequential,
                 plan=plan, ratio=(got["after"] - got["before"]) / formula if formula else math.nan)
+
+
+# ---- results of the paper's models, for chapters 3 and 4 ------------------------------------------
+
+@dataclass
+class PaperRuns:
+    """What :func:`paper_runs` found: ``rows`` (one per results file of a paper model, the fields
+    the chapters show), ``skipped`` (``(file, why)`` for files that could not be read), ``folder``."""
+
+    rows: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    folder: Path | None = None
+
+
+def paper_name(model: str, ids: dict) -> str | None:
+    """The paper's name of ``model`` (a Hub id, a checkpoint folder named after the id, or a Hugging
+    Face cache snapshot path) among ``ids`` (``{name: hub id}``), or ``None``."""
+    parts = Path(model).parts
+    for name, hub in ids.items():
+        org, _, base = hub.partition("/")
+        if model == hub or (parts and parts[-1] == base) or f"models--{org}--{base}" in parts:
+            return name
+    return None
+
+
+def _llm_row(d: dict, name: str) -> dict:
+    from . import llm
+
+    a = llm._parser().parse_args(shlex.split(d["command"])[4:])  # the knobs, as the command spelled them
+    ev = d["eval"]
+    return dict(model=name, method=a.method, weights=a.weights, stamp=a.stamp,
+                bits=f"W{a.w_bits}A{a.a_bits}KV{a.kv_bits or 16}", dataset=d["dataset"]["name"],
+                windows=d["windows"], seq_len=d["seq_len"], ppl=ev["ppl"], ppl_lo=ev["ppl_lo"], ppl_hi=ev["ppl_hi"],
+                dtype=d.get("dtype"), device=d.get("applied", {}).get("device"))
+
+
+def _dit_row(d: dict, name: str) -> list[dict]:
+    n = d.get("n_images")
+    return [dict(model=name, config=k, sqnr_db=r["sqnr_image_db"], se_db=r["se_db"], act_bits=r["act_bits"],
+                 images=n, dtype=d.get("dtype"), paired=d.get("paired", {}).get(k))
+            for k, r in d["configs"].items()]
+
+
+def paper_runs(kind: str = "llm", folder: str | Path | None = None) -> PaperRuns:
+    """Results files that the ``llm`` (``kind="llm"``) or ``pixart`` (``"pixart"``) command wrote
+    for one of the paper's models (:data:`PAPER_LLMS`, :data:`PAPER_DITS`), read from ``folder``
+    (default ``<results>/<kind>/``, where the commands write). Files of other models are ignored;
+    a file that is not such a results file is listed in ``skipped`` with the reason, never fatal."""
+    from ..core.io import results_dir
+
+    if kind not in ("llm", "pixart"):
+        raise ValueError(f"kind must be 'llm' or 'pixart', not {kind!r}")
+    ids = ({k: v["id"] for k, v in PAPER_LLMS.items()} if kind == "llm" else PAPER_DITS)
+    folder = Path(folder) if folder is not None else results_dir() / kind
+    out = PaperRuns(folder=folder)
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            d = json.loads(p.read_text())
+            name = paper_name(str(d["model"]), ids)
+            if name is not None:
+                out.rows += [_llm_row(d, name)] if kind == "llm" else _dit_row(d, name)
+        except (OSError, ValueError, KeyError, TypeError, SystemExit) as e:
+            out.skipped.append((p.name, f"not a results file of the {kind} command ({type(e).__name__}: {e})"))
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def paper_table(runs: PaperRuns) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of what :func:`paper_runs` found, beside the paper's numbers. LLM: one row
+    per model, method, weights, bits and data, perplexity without -> with STaMP-DWT (a missing
+    side is "-") and the paper's Table 2 cell for W4A4KV4; image models: one row per configuration,
+    the image SQNR (dB) +- its standard error and the bits per image token."""
+    from . import llm
+
+    if runs.rows and "ppl" in runs.rows[0]:
+        cells: dict = {}
+        for r in runs.rows:
+            key = (r["model"], r["method"], r["weights"], r["bits"], f"{r['dataset']}, {r['windows']} x {r['seq_len']}")
+            cells.setdefault(key, {})[r["stamp"]] = r["ppl"]
+        rows = []
+        for (model, method, weights, bits, data), ppl in sorted(cells.items()):
+            ours = _fmt(ppl["none"]) if method == "fp" and "none" in ppl else (
+                f"{_fmt(ppl['none']) if 'none' in ppl else '-'} → {_fmt(ppl['dwt']) if 'dwt' in ppl else '-'}")
+            paper = "-"
+            if model in llm.PAPER_MODELS and (bits == "W4A4KV4" or method == "fp") and method in llm.PAPER_TABLE2:
+                v = llm.PAPER_TABLE2[method][llm.PAPER_MODELS.index(model)]
+                paper = _fmt(v) if method == "fp" else f"{_fmt(v[0])} → {_fmt(v[1])}"
+            rows.append([model, f"{method} ({weights})", bits, data, ours, paper])
+        return ["model", "method (weights)", "bits", "data", "ours", "paper"], rows
+    rows = [[r["model"], r["config"], f"{r['sqnr_db']:.2f} ± {r['se_db']:.2f}", f"{r['act_bits']:.3f}", str(r["images"])]
+            for r in runs.rows]
+    return ["model", "configuration", "image SQNR (dB)", "bits / image token", "images"], rows

@@ -47,6 +47,7 @@ __all__ = [
     "llama_layer_type",
     "layer_index",
     "llm_sequence_stats",
+    "galaxy_capture",
     "galaxy_layer_type",
     "galaxy_sequence_stats",
     "galaxy_noised",
@@ -340,6 +341,15 @@ def galaxy_noised(y0: torch.Tensor, t: float, seed: int) -> torch.Tensor:
     return galaxy.VPSDE().perturb(y0, t, noise)
 
 
+def galaxy_capture(model, y0: torch.Tensor, t: float, noise_seed: int, **kw) -> capture.Captured:
+    """:func:`stamp_lib.model.capture.capture_inputs` of every linear of the galaxy MLP-Mixer, run
+    on the clean samples ``y0`` noised to diffusion time ``t`` (:func:`galaxy_noised` with
+    ``noise_seed``); ``kw``: ``keep``, ``reduce``."""
+    t = float(t)
+    return capture.capture_inputs(model, [galaxy_noised(y0, t, noise_seed)], "*", forward=lambda m, y: m(y, t),
+                                  progress=False, **kw)
+
+
 def galaxy_sequence_stats(model, calib_y0: torch.Tensor, eval_y0: torch.Tensor, t: float, *,
                           hp_tokens=(4, 64), bits=("4", "4x8+4", "64x8+4"), token_hp: int = 4,
                           token_bits=("4", "4x8+4"), noise_seed: int = 0, insample_quant: bool = True,
@@ -363,12 +373,9 @@ def galaxy_sequence_stats(model, calib_y0: torch.Tensor, eval_y0: torch.Tensor, 
     lv1 = transforms.haar_levels(s_tok, k_min)
     if lv1 % 2:
         raise ValueError(f"the 2-D Haar LL band cannot hold exactly {k_min} tokens of a {grid} grid")
-    fwd = lambda m, y: m(y, t)  # noqa: E731
-    ycal = galaxy_noised(calib_y0, t, noise_seed)
-    yev = galaxy_noised(eval_y0, t, noise_seed + 1)
     acal = autocorr.AutoCorrelation()
-    capture.capture_inputs(model, [ycal], "*", keep=False, reduce=acal, forward=fwd, progress=False)
-    cap = capture.capture_inputs(model, [yev], "*", keep=True, forward=fwd, progress=False)
+    galaxy_capture(model, calib_y0, t, noise_seed, keep=False, reduce=acal)
+    cap = galaxy_capture(model, eval_y0, t, noise_seed + 1, keep=True)
     out = {}
     for name in list(cap.acts):
         X = cap.acts.pop(name)

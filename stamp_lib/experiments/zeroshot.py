@@ -425,24 +425,19 @@ def _parser() -> argparse.ArgumentParser:
         "Zero-shot accuracy (lm-eval, log-likelihood tasks) of the model under a quantization recipe, with and "
         "without STaMP (fake quantization). Prints acc / acc_norm with their standard errors and writes a results "
         "file with every knob, the per-question scores and the command line."))
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | gemma3-270m | local folder | HF id in the cache")
+    llm.add_model_options(p)
     p.add_argument("--tasks", required=True,
                    help=f"comma-separated lm-eval tasks/groups/tags (usual: {','.join(USUAL_TASKS)}; their datasets "
                         f"must be downloaded first), or {LOCAL_TASK} with --include-path tests/data/zeroshot")
     p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files (the local task)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each task (default: all)")
-    p.add_argument("--method", default="rtn", choices=llm.METHODS)
-    p.add_argument("--weights", default="rtn", choices=rcp.WEIGHT_METHODS)
     p.add_argument("--stamp", default="none",
                    help=f"comma-separated columns, each one of {', '.join(llm.STAMPS)} (none = bit-matched baseline); "
                         "evaluated with one weight preparation and compared paired with the first")
     p.add_argument("--with-fp", action="store_true", help="also evaluate the unquantized model (the fp recipe)")
     p.add_argument("--levels", type=int, default=None,
                    help="Haar levels for dwt (default: full depth on every request, ceil(log2 s))")
-    p.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..16")
-    p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..16")
-    p.add_argument("--kv-bits", type=int, default=4, help="K/V bits, 2..16; 0 leaves K/V in full precision")
-    p.add_argument("--kv-stamp", action="store_true", help="apply the sequence transform to K/V too")
+    llm.add_bits_options(p)
     p.add_argument("--hp-tokens", type=int, default=1,
                    help="high-precision rows of each request (default 1; 0: uniform bits); every request must be "
                         "longer")
@@ -457,10 +452,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window, >= 2")
     p.add_argument("--batch-size", type=int, default=1, help="requests per forward; 1 with a sequence transform")
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cpu)")
-    p.add_argument("--device-map", default=None, help='e.g. "auto" for a large checkpoint on GPUs (needs accelerate)')
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; the record says how many)")
+    llm.add_device_options(p)
     p.add_argument("--out", default=None, help="results file (JSON); default data/results/zeroshot/<model>-<recipe>.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no messages: only the result lines")

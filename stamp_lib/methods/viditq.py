@@ -32,6 +32,13 @@ __all__ = ["NAME", "ALPHA", "FEATURE", "DEPARTURES", "IMAGE_METHODS", "IMAGE_FEA
 
 NAME = "viditq"
 ALPHA = 0.3  # smooth_quant.alpha of ViDiT-Q's PixArt configs
+SMOOTHQUANT_ALPHA = 0.5  # SmoothQuant's (and SVDQuant's smoothing) default migration strength
+
+
+def alpha_for(method: str, alpha: float | None = None) -> float:
+    """The smoothing strength of an image baseline: ``alpha`` if given, else :data:`ALPHA` for
+    ViDiT-Q and :data:`SMOOTHQUANT_ALPHA` for the SmoothQuant-smoothed others."""
+    return (ALPHA if method == NAME else SMOOTHQUANT_ALPHA) if alpha is None else alpha
 FEATURE = "smoothquant"
 DEPARTURES = (
     "channel statistic: max over the calibration inputs (ViDiT-Q: moving average, momentum 0.95, of per-batch "

@@ -229,6 +229,17 @@ def _act_quantizer(F: LayerFlat, cfg: FlatQuantConfig, state=None):
     return q
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """FlatQuant's arithmetic dtype for a model of ``dtype``: float32 for bfloat16 / float16 (no
+    half-precision linear solves; fake quantization in float32), the model's own otherwise."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`_work_dtype` (a half-precision activation in float32; others unchanged)."""
+    return x.to(_work_dtype(x.dtype)) if x.is_floating_point() else x
+
+
 def _online(F: LayerFlat, dims: dict, cfg: FlatQuantConfig, quantize: bool, layer_idx: int = 0, state=None):
     """The input map of each linear of a layer: its transform, then (``quantize``) its quantizer."""
     hd, nq = dims["head_dim"], dims["num_heads"]
@@ -241,9 +252,9 @@ def _online(F: LayerFlat, dims: dict, cfg: FlatQuantConfig, quantize: bool, laye
     maps = {"q_proj": F.ln, "k_proj": F.ln, "v_proj": F.ln, "o_proj": heads,
             "gate_proj": F.up_gate, "up_proj": F.up_gate, "down_proj": F.down}
 
-    def fn(short, x):
-        y = maps[short](x)
-        return q(short, y, True, f"{layer_idx}.{short}") if quantize else y
+    def fn(short, x):  # a bfloat16 / float16 model's inputs in float32 and back
+        y = maps[short](_up(x))
+        return (q(short, y, True, f"{layer_idx}.{short}") if quantize else y).to(x.dtype)
 
     return fn
 
@@ -253,12 +264,15 @@ def _kv_fn(flats: dict, cfg: FlatQuantConfig, quantize: bool, state=None):
     quantize = quantize and cfg.kv_bits is not None
     qs = {i: _act_quantizer(F, cfg, state) for i, F in flats.items()}
 
-    def fn(layer_idx, kind, x, offset):
+    def fn(layer_idx, kind, x, offset):  # in float32, as the linears' inputs
         if kind == "key":
             F = flats[layer_idx]
-            y = F.k(x)
-            return F.k.inverse(qs[layer_idx]("key", y, False, f"kv.{layer_idx}.key", offset) if quantize else y)
-        return qs[layer_idx]("value", x, False, f"kv.{layer_idx}.value", offset) if quantize else x
+            y = F.k(_up(x))
+            y = F.k.inverse(qs[layer_idx]("key", y, False, f"kv.{layer_idx}.key", offset) if quantize else y)
+            return y.to(x.dtype)
+        if not quantize:
+            return x
+        return qs[layer_idx]("value", _up(x), False, f"kv.{layer_idx}.value", offset).to(x.dtype)
 
     return fn
 
@@ -296,6 +310,16 @@ def _absmax_inputs(layer, x, kw, batch_size):
     return seen, outs
 
 
+def _f32(v):
+    """A half-precision tensor (RoPE tables, masks of a bfloat16 model) as float32, also inside a
+    tuple; anything else as is."""
+    if isinstance(v, torch.Tensor):
+        return _up(v)
+    if isinstance(v, tuple):
+        return tuple(_f32(t) for t in v)
+    return v
+
+
 def calibrate(model: nn.Module, calib: torch.Tensor, config: FlatQuantConfig | None = None, *,
               progress=None) -> FlatQuantResult:
     """Calibrate FlatQuant on ``calib`` (token ids, (n, s), n a multiple of the batch size), layer
@@ -309,7 +333,8 @@ def calibrate(model: nn.Module, calib: torch.Tensor, config: FlatQuantConfig | N
         raise ValueError(f"flatquant.calibrate: {calib.shape[0]} calibration windows are not a multiple of the batch "
                          f"size {cfg.batch_size}; pass a multiple, or FlatQuantConfig(batch_size=...)")
     prefix, dec, layers, dims = _structure(model)
-    dtype = dec.embed_tokens.weight.dtype
+    dtype = dec.embed_tokens.weight.dtype  # a half-precision layer is calibrated in float32, cast back (exact)
+    work = _work_dtype(dtype)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -319,12 +344,15 @@ def calibrate(model: nn.Module, calib: torch.Tensor, config: FlatQuantConfig | N
     flats, logs = {}, []
     try:
         x, kws = blocks.layer_inputs(model, dec, calib)
+        x = x.to(work)
+        kws = {i: {k: _f32(v) for k, v in kw.items()} for i, kw in kws.items()}
         if progress is not None:
             progress.total = len(layers) * cfg.epochs * (x.shape[0] // cfg.batch_size)
         for i, layer in enumerate(layers):
+            layer.to(work)
             with torch.no_grad():
                 amax, target = _absmax_inputs(layer, x, kws[i], cfg.batch_size)
-            F = LayerFlat(layer, dims, cfg, seed=cfg.seed * 1000 + 10 * i, dtype=dtype)
+            F = LayerFlat(layer, dims, cfg, seed=cfg.seed * 1000 + 10 * i, dtype=work)
             with torch.no_grad():
                 a = layer.self_attn
                 for name, ws in (("ln", [a.q_proj, a.k_proj, a.v_proj]),
@@ -344,8 +372,11 @@ def calibrate(model: nn.Module, calib: torch.Tensor, config: FlatQuantConfig | N
                                    progress=None if progress is None else progress.update))
             for p in F.parameters():
                 p.requires_grad_(False)
+            layer.to(dtype)
             x = target
     finally:
+        for layer in layers:
+            layer.to(dtype)
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
         model.train(was_training)

@@ -78,6 +78,14 @@ _counter = itertools.count()
 _LIVE: dict[str, str] = {}  # registered name -> implementation it delegates to
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The name of ``model.forward``'s KV-cache argument: ``"cache"`` in transformers 5,
+    ``"past_key_values"`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _resolve(module: nn.Module, implementation: str) -> Callable:
     """The attention function the model itself would call for ``implementation``.
 
