@@ -154,3 +154,29 @@ def test_layer_by_layer_gptq_peak_is_below_the_one_pass_peak_and_near_its_formul
 def test_memory_plan_refuses_a_model_that_is_not_a_decoder_llm():
     with pytest.raises(ValueError, match="decoder-only language models.*Linear has none"):
         R.memory_plan(torch.nn.Linear(4, 4))
+
+
+def test_time_plan_counts_the_flops_torch_counts_in_a_forward():
+    """The window term of the time plan equals torch's own FLOP count of a forward (eager attention,
+    which computes the full square of scores as SDPA does on a GPU); GPTQ adds n forwards and the
+    Hessians."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = R._config(SMALL)
+    cfg._attn_implementation = "eager"
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(cfg).eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.randint(0, SMALL["vocab_size"], (1, 32)))
+    t = R.time_plan(model, seq_len=32, calib_windows=3, weights="gptq", peak=1e12)
+    assert t["window"] == fc.get_total_flops() and t["calib"] == 3 * t["window"]
+    widths = R._shapes(model)["widths"]
+    assert t["hessians"] == 2 * 3 * 32 * SMALL["num_hidden_layers"] * sum(d * d for d in widths)
+    assert t["window_s"] == t["window"] / 1e12 and R.time_plan(model, seq_len=32)["calib"] == 0
+
+
+def test_pixart_command_parses():
+    (c,) = R.pixart_commands()
+    assert c["command"].startswith("python -m stamp_lib pixart --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS ")
+    assert "--height 1024 --width 1024" in c["command"]

@@ -58,7 +58,7 @@ from . import overhead
 
 __all__ = ["PAPER_LLMS", "PAPER_DITS", "TABLE2", "GPTQ_WORK", "FOLD_COPIES", "meta_model", "memory_plan",
            "memory_plan_all_at_once", "table2_commands", "zeroshot_commands", "wrap", "measure_prepare_peak",
-           "MemoryPlan", "paper_runs", "paper_table", "PaperRuns"]
+           "MemoryPlan", "paper_runs", "paper_table", "PaperRuns", "time_plan", "pixart_commands", "PEAK_BF16"]
 
 # Hub ids and the shapes of their config.json (architecture constants, as published)
 PAPER_LLMS = {
@@ -84,6 +84,8 @@ STAMP_COLUMNS = ("none", "dwt")
 GPTQ_WORK = 4  # float64 d x d matrices gptq_quantize holds at once: H's working copy, its factor, the inverse, its factor
 FOLD_COPIES = 3  # float64 copies of the unit being quantized: folded, the quantizer's working copy, its result
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Dense bfloat16 tensor-core peak of the cards the runbook sizes for (NVIDIA's data sheets, FLOP/s, no sparsity)
+PEAK_BF16 = {"A100": 312e12, "H100 SXM": 989e12, "H200": 989e12}
 
 
 def _config(shape: dict):
@@ -419,3 +421,42 @@ def paper_table(runs: PaperRuns) -> tuple[list[str], list[list[str]]]:
     rows = [[r["model"], r["config"], f"{r['sqnr_db']:.2f} ± {r['se_db']:.2f}", f"{r['act_bits']:.3f}", str(r["images"])]
             for r in runs.rows]
     return ["model", "configuration", "image SQNR (dB)", "bits / image token", "images"], rows
+
+
+def time_plan(model_or_shape, *, seq_len: int = 2048, calib_windows: int = 128, peak: float = PEAK_BF16["H100 SXM"],
+              weights: str = "rtn") -> dict:
+    """Matmul FLOPs of one Table 2 cell's parts and their time at ``peak`` FLOP/s, a lower bound:
+    a forward of one ``seq_len`` window costs ``2 s P_lin + 4 L s^2 h d_h + 2 s d V`` (the decoder's
+    linears, attention scores and values over the full square as SDPA computes them, ``lm_head``);
+    calibration runs ``calib_windows`` such forwards (RTN without calibration: none); GPTQ adds the
+    Hessians, ``2 n s sum_g d_g^2`` per layer. Fake quantization's elementwise work (memory-bound),
+    the transforms and GPTQ's column loop are not counted. ``{"window", "calib", "hessians",
+    "window_s", "calib_s", "formulas"}``."""
+    _check("bfloat16", weights)
+    model = meta_model(model_or_shape) if isinstance(model_or_shape, dict) else model_or_shape
+    sh = _shapes(model)
+    cfg = model.config
+    heads, hd = cfg.num_attention_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    s, n = seq_len, calib_windows
+    window = 2 * s * sh["p_lin"] + 4 * sh["n_layers"] * s * s * heads * hd + 2 * s * sh["d"] * cfg.vocab_size
+    calib = n * window if weights == "gptq" else 0
+    hess = 2 * n * s * sh["n_layers"] * sum(d * d for d in sh["widths"]) if weights == "gptq" else 0
+    return {"window": window, "calib": calib, "hessians": hess, "window_s": window / peak,
+            "calib_s": (calib + hess) / peak, "peak": peak,
+            "formulas": {"window": "2 s P_lin + 4 L s^2 h d_h + 2 s d V", "calib": "n x window (GPTQ)",
+                         "hessians": "2 n s L sum_g d_g^2 (GPTQ)", "s": s, "n": n, "h": heads, "d_h": hd}}
+
+
+def pixart_commands(*, device: str = "cuda", dtype: str = "float16",
+                    prompts: str = "data/prompts/pixart_prompts.txt") -> list[dict]:
+    """Chapter 4's Figure 1 / Table 1 protocol on the paper's PixArt-Sigma at 1024 x 1024 (one
+    command: every configuration, paired), validated by the ``pixart`` command's own parser:
+    ``[{model, argv, command}]``. SANA has no command (:data:`PAPER_DITS`)."""
+    from . import pixart
+
+    argv = ["--model", PAPER_DITS["PixArt-Sigma"], "--prompts", prompts, "--height", "1024", "--width", "1024",
+            "--hp-tokens", "64", "--device", device, "--dtype", dtype]
+    a = pixart._parser().parse_args(argv)
+    a.device = None  # the user's machine's
+    pixart.validate(a)
+    return [dict(model="PixArt-Sigma", argv=argv, command="python -m stamp_lib pixart " + shlex.join(argv))]
