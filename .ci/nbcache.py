@@ -2,7 +2,7 @@
 
 myst-nb's ``execute_notebooks: cache`` mode (jupyter-cache) matches an executed notebook by its
 code cells and kernelspec only. Our notebooks also read ``STUDY_SIZE``, import ``stamp_lib`` and
-read ``data/results/full/`` and ``data/prompts/``, so this module puts the cache in a folder per
+read ``data/results/full/``, ``data/results/paper/`` and ``data/prompts/``, so this module puts the cache in a folder per
 *key*::
 
     <source folder>/_build/nbcache/<STUDY_SIZE>-<16 hex digits>/
@@ -11,7 +11,8 @@ read ``data/results/full/`` and ``data/prompts/``, so this module puts the cache
         sidecars/<hashkey>.json   per record: the results file that run wrote, the summary inputs
 
 The hex digits are a sha256 of every ``stamp_lib/**/*.py``, ``data/results/full/*``,
-``data/prompts/*`` and ``requirements*.txt`` under the source folder (the repository root for
+``data/results/paper/**/*.json`` (the paper's models, run elsewhere), ``data/prompts/*`` and
+``requirements*.txt`` under the source folder (the repository root for
 the book; :func:`key`). A new key starts an empty folder;
 older folders of the same STUDY_SIZE are deleted (:func:`prune`), the other size's are kept.
 
@@ -49,7 +50,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_ROOT = Path("_build") / "nbcache"  # relative to the book's source folder
-KEY_INPUTS = ("stamp_lib/**/*.py", "data/results/full/*", "data/prompts/*", "requirements*.txt")
+KEY_INPUTS = ("stamp_lib/**/*.py", "data/results/full/*", "data/results/paper/**/*.json", "data/prompts/*",
+              "requirements*.txt")
 SUMMARY_PREFIX = "99_"  # pages that summarise the results files of the other notebooks
 KEEP_PER_NOTEBOOK = 2  # cached versions kept per notebook (the current one and the one before)
 SIZES = ("small", "full")

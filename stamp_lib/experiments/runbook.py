@@ -54,11 +54,12 @@ from pathlib import Path
 
 import torch
 
+from ..core.io import REPO_ROOT
 from . import overhead
 
 __all__ = ["PAPER_LLMS", "PAPER_DITS", "TABLE2", "GPTQ_WORK", "FOLD_COPIES", "meta_model", "memory_plan",
            "memory_plan_all_at_once", "table2_commands", "zeroshot_commands", "wrap", "measure_prepare_peak",
-           "MemoryPlan", "paper_runs", "paper_table", "PaperRuns", "time_plan", "pixart_commands", "PEAK_BF16"]
+           "MemoryPlan", "paper_runs", "paper_table", "PaperRuns", "time_plan", "pixart_commands", "PEAK_BF16", "PAPER_RESULTS"]
 
 # Hub ids and the shapes of their config.json (architecture constants, as published)
 PAPER_LLMS = {
@@ -75,6 +76,9 @@ PAPER_LLMS = {
                            num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
                            tie_word_embeddings=True),
 }
+# Where the results files of the paper's models go (the runbook's commands with
+# STAMP_RESULTS=data/results/paper) and where chapters 3 and 4 read them
+PAPER_RESULTS = REPO_ROOT / "data" / "results" / "paper"
 # The paper's image models (Hub ids); only PixArt-Sigma has a command (``python -m stamp_lib pixart``)
 PAPER_DITS = {"PixArt-Sigma": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
               "SANA": "Efficient-Large-Model/Sana_1600M_1024px_diffusers"}
@@ -372,14 +376,14 @@ def _dit_row(d: dict, name: str) -> list[dict]:
 def paper_runs(kind: str = "llm", folder: str | Path | None = None) -> PaperRuns:
     """Results files that the ``llm`` (``kind="llm"``) or ``pixart`` (``"pixart"``) command wrote
     for one of the paper's models (:data:`PAPER_LLMS`, :data:`PAPER_DITS`), read from ``folder``
-    (default ``<results>/<kind>/``, where the commands write). Files of other models are ignored;
-    a file that is not such a results file is listed in ``skipped`` with the reason, never fatal."""
-    from ..core.io import results_dir
-
+    (default :data:`PAPER_RESULTS` ``/<kind>/``: where the commands write with
+    ``STAMP_RESULTS=data/results/paper``; the book's execution cache is keyed by these files).
+    Files of other models are ignored; a file that is not such a results file is listed in
+    ``skipped`` with the reason, never fatal."""
     if kind not in ("llm", "pixart"):
         raise ValueError(f"kind must be 'llm' or 'pixart', not {kind!r}")
     ids = ({k: v["id"] for k, v in PAPER_LLMS.items()} if kind == "llm" else PAPER_DITS)
-    folder = Path(folder) if folder is not None else results_dir() / kind
+    folder = Path(folder) if folder is not None else PAPER_RESULTS / kind
     out = PaperRuns(folder=folder)
     for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:

@@ -241,6 +241,20 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def _cut(stream: torch.Tensor, body: int, n_windows: int | None, seq_len: int, more: str = "") -> torch.Tensor:
+    """The first ``n_windows`` (``None``: all) consecutive pieces of ``body`` tokens of ``stream``,
+    (n, body), a view; the tail dropped. ``ValueError`` naming the count and the fix otherwise."""
+    n_avail = len(stream) // body
+    if n_windows is None:
+        n_windows = n_avail
+    if not isinstance(n_windows, int) or n_windows < 1:
+        raise ValueError(f"n_windows must be a positive int or None, got {n_windows!r}")
+    if n_windows > n_avail:
+        raise ValueError(f"asked for {n_windows} windows of {seq_len} tokens but the text has {len(stream)} tokens "
+                         f"({n_avail} windows); use fewer/shorter windows{more}")
+    return stream[: n_windows * body].view(n_windows, body)
+
+
 def token_windows(tokenizer, articles, seq_len: int, n_windows: int | None = None, cache: bool = True,
                   bos: bool | None = None) -> torch.Tensor:
     """LongTensor (n, seq_len) of consecutive non-overlapping windows over :func:`token_stream`.
@@ -252,16 +266,8 @@ def token_windows(tokenizer, articles, seq_len: int, n_windows: int | None = Non
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
     bos = adds_bos(tokenizer) if bos is None else bool(bos)
     body = seq_len - 1 if bos else seq_len
-    stream = token_stream(tokenizer, articles, cache=cache)
-    n_avail = len(stream) // body
-    if n_windows is None:
-        n_windows = n_avail
-    if not isinstance(n_windows, int) or n_windows < 1:
-        raise ValueError(f"n_windows must be a positive int or None, got {n_windows!r}")
-    if n_windows > n_avail:
-        raise ValueError(f"asked for {n_windows} windows of {seq_len} tokens but the text has {len(stream)} tokens "
-                         f"({n_avail} windows); use fewer/shorter windows or more articles")
-    w = stream[: n_windows * body].view(n_windows, body)
+    w = _cut(token_stream(tokenizer, articles, cache=cache), body, n_windows, seq_len, " or more articles")
+    n_windows = w.shape[0]
     if bos:
         w = torch.cat([torch.full((n_windows, 1), tokenizer.bos_token_id, dtype=torch.long), w], 1)
     return w.clone()
@@ -339,16 +345,7 @@ def stream_windows(tokenizer, texts: list[str], seq_len: int, n_windows: int | N
     ``n_windows``: the first ``n_windows`` (an error if fewer exist); ``None``: all of them."""
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
-    ids = joined_ids(tokenizer, texts, cache)
-    n_avail = len(ids) // seq_len
-    if n_windows is None:
-        n_windows = n_avail
-    if not isinstance(n_windows, int) or n_windows < 1:
-        raise ValueError(f"n_windows must be a positive int or None, got {n_windows!r}")
-    if n_windows > n_avail:
-        raise ValueError(f"asked for {n_windows} windows of {seq_len} tokens but the text has {len(ids)} tokens "
-                         f"({n_avail} windows); use fewer/shorter windows")
-    return ids[: n_windows * seq_len].view(n_windows, seq_len).clone()
+    return _cut(joined_ids(tokenizer, texts, cache), seq_len, n_windows, seq_len).clone()
 
 
 def random_windows(tokenizer, texts: list[str], seq_len: int, n_windows: int, seed: int = 0,
