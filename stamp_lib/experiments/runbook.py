@@ -59,7 +59,8 @@ from . import overhead
 
 __all__ = ["PAPER_LLMS", "PAPER_DITS", "TABLE2", "GPTQ_WORK", "FOLD_COPIES", "meta_model", "memory_plan",
            "memory_plan_all_at_once", "table2_commands", "zeroshot_commands", "wrap", "measure_prepare_peak",
-           "MemoryPlan", "paper_runs", "paper_table", "PaperRuns", "time_plan", "pixart_commands", "PEAK_BF16", "PAPER_RESULTS"]
+           "MemoryPlan", "paper_runs", "paper_table", "PaperRuns", "time_plan", "pixart_commands", "PEAK_BF16",
+           "PAPER_RESULTS"]
 
 # Hub ids and the shapes of their config.json (architecture constants, as published)
 PAPER_LLMS = {
