@@ -418,7 +418,9 @@ def test_replay_recertifies_only_unchanged_results(tmp_path, monkeypatch):
 
     old, new = run({key: h_old}, 10.0, 3.0), run({key: h_new}, 10.0 * (1 + 1e-9), 9.0)
     cmp = study.compare_results(old, new)
-    assert [d[0] for d in cmp["differ"]] == ["/records/ppl/value/seconds"] and cmp["missing"] == []
+    assert [d[0] for d in cmp["differ"]] == ['/records/ppl|{"w": 4}|1/seconds'] and cmp["missing"] == []
+    twice = run({key: h_new}, 10.0, 3.0, [{"name": "ppl", "value": {"ppl": 11.0, "seconds": 3.0}, "knobs": {"w": 4}}])
+    assert len(study.compare_results(twice, old)["missing"]) == 2  # a repeated record is compared, not collapsed
     with pytest.raises(ValueError, match="1 values differ"):
         study.recertify_by_replay("07_t", old, new, folder=tmp_path)
     with pytest.raises(ValueError, match="not the record's"):  # the baseline must run the record's code
@@ -431,5 +433,5 @@ def test_replay_recertifies_only_unchanged_results(tmp_path, monkeypatch):
                                     folder=tmp_path)
     r = rec.data["recertified"][-1]
     assert not rec.stale and r["how"] == "replay" and r["volatile_values"] == 1 and r["files"] == [key]
-    assert r["added"] == ["/records/new/value"]  # an empty dict has no leaves
+    assert r["added"] == ["/records/new|{}|1"]
     assert "small-size replay" in rec.when() and f"({r['compared']} values equal" in rec.when()

@@ -528,15 +528,20 @@ REPLAYED = ("records", "verdicts", "glued", "checks")  # the parts of a results 
 
 def compare_results(old: dict, new: dict, *, volatile: tuple[str, ...] = (), rtol: float = 1e-6,
                     atol: float = 1e-9) -> dict:
-    """Compare two results files of one notebook (:data:`REPLAYED` parts; records keyed by name):
+    """Compare two results files of one notebook (:data:`REPLAYED` parts; a record's leaves are
+    ``/records/<name>|<knobs as JSON>|<occurrence>/...``):
     every leaf of ``old`` must be in ``new`` and equal (numbers within ``rtol``/``atol``), except
     leaves whose path matches a glob of ``volatile`` (timings, measured memory), which are counted,
     not compared. Returns ``{"compared", "volatile", "differ": [(path, old, new)], "missing",
     "added", "max_rel"}``; ``differ`` and ``missing`` empty means the same results."""
-    def flat(d):
+    def flat(d):  # records keyed by name, knobs and occurrence: a name may repeat with other knobs
         part = {k: d.get(k) for k in REPLAYED}
-        part["records"] = {r["name"]: {"value": r.get("value"), "knobs": r.get("knobs")}
-                           for r in d.get("records", [])}
+        seen: dict[str, int] = {}
+        part["records"] = {}
+        for r in d.get("records", []):
+            key = f"{r['name']}|{json.dumps(r.get('knobs'), sort_keys=True)}"
+            seen[key] = seen.get(key, 0) + 1
+            part["records"][f"{key}|{seen[key]}"] = r.get("value")
         return dict(_leaves(part))
 
     a, b = flat(old), flat(new)
