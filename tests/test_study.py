@@ -435,3 +435,15 @@ def test_replay_recertifies_only_unchanged_results(tmp_path, monkeypatch):
     assert not rec.stale and r["how"] == "replay" and r["volatile_values"] == 1 and r["files"] == [key]
     assert r["added"] == ["/records/new|{}|1"]
     assert "small-size replay" in rec.when() and f"({r['compared']} values equal" in rec.when()
+
+
+def test_replay_compares_a_list_of_names_in_any_order():
+    """A knob listing names (often built from a set, in hash order) matches in any order; values
+    still have to be equal."""
+    def res(types, v):
+        return {"records": [{"name": "g", "value": v, "knobs": {"types": types, "bits": [4, 8]}}]}
+
+    assert study.compare_results(res(["o", "down"], 1.0), res(["down", "o"], 1.0))["missing"] == []
+    assert study.compare_results(res(["o", "down"], 1.0), res(["down", "o"], 2.0))["differ"]
+    assert study.compare_results(res(["o"], 1.0), {"records": [{"name": "g", "value": 1.0,
+                                                                "knobs": {"types": ["o"], "bits": [8, 4]}}]})["missing"]

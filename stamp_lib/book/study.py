@@ -529,7 +529,7 @@ REPLAYED = ("records", "verdicts", "glued", "checks")  # the parts of a results 
 def compare_results(old: dict, new: dict, *, volatile: tuple[str, ...] = (), rtol: float = 1e-6,
                     atol: float = 1e-9) -> dict:
     """Compare two results files of one notebook (:data:`REPLAYED` parts; a record's leaves are
-    ``/records/<name>|<knobs as JSON>|<occurrence>/...``):
+    ``/records/<name>|<knobs as JSON, lists of names sorted>|<occurrence>/...``):
     every leaf of ``old`` must be in ``new`` and equal (numbers within ``rtol``/``atol``), except
     leaves whose path matches a glob of ``volatile`` (timings, measured memory), which are counted,
     not compared. Returns ``{"compared", "volatile", "differ": [(path, old, new)], "missing",
@@ -539,7 +539,9 @@ def compare_results(old: dict, new: dict, *, volatile: tuple[str, ...] = (), rto
         seen: dict[str, int] = {}
         part["records"] = {}
         for r in d.get("records", []):
-            key = f"{r['name']}|{json.dumps(r.get('knobs'), sort_keys=True)}"
+            knobs = {k: sorted(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
+                     for k, v in (r.get("knobs") or {}).items()}  # a list of names may come from a set
+            key = f"{r['name']}|{json.dumps(knobs, sort_keys=True)}"
             seen[key] = seen.get(key, 0) + 1
             part["records"][f"{key}|{seen[key]}"] = r.get("value")
         return dict(_leaves(part))
