@@ -7,7 +7,7 @@ that can be checked quickly, and says so in the record: the chapter run at ``STU
 with the record's code and with the current code gives the same results, every value compared
 (``study.compare_results``), except the globs named volatile (timings, measured memory).
 
-Usage (two steps, each from a clean checkout):
+Usage (two steps, each from a clean checkout, with the same thread count, e.g. OMP_NUM_THREADS=1):
 
     git worktree add /tmp/old <the records' commit>
     cd /tmp/old && python <repo>/.ci/replay.py baseline /tmp/baseline 02_real_activations 05_ablations
