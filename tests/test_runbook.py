@@ -174,9 +174,6 @@ def test_time_plan_counts_the_flops_torch_counts_in_a_forward():
     widths = R._shapes(model)["widths"]
     assert t["hessians"] == 2 * 3 * 32 * SMALL["num_hidden_layers"] * sum(d * d for d in widths)
     assert t["window_s"] == t["window"] / 1e12 and R.time_plan(model, seq_len=32)["calib"] == 0
-    for bad in (dict(peak=0), dict(peak=float("nan")), dict(seq_len=0), dict(calib_windows=-1)):
-        with pytest.raises(ValueError, match="peak|seq_len"):
-            R.time_plan(model, **bad)
 
 
 def test_pixart_command_parses():
